@@ -1,0 +1,94 @@
+"""The single geometry module: cells, supercells, periodic neighbour lists, centre of mass.
+
+Conventions: Cartesian positions in Å, lattice ``cell`` as rows a, b, c (Å), masses in amu.
+Positions are never wrapped into the cell: trajectories are kept unwrapped everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def perpendicular_widths(cell: np.ndarray) -> np.ndarray:
+    """Distances between opposite faces of the cell, Å: V / |b x c|, V / |c x a|, V / |a x b|."""
+    cell = np.asarray(cell, dtype=float)
+    vol = abs(np.linalg.det(cell))
+    a, b, c = cell
+    areas = np.array([np.linalg.norm(np.cross(b, c)), np.linalg.norm(np.cross(c, a)), np.linalg.norm(np.cross(a, b))])
+    return vol / areas
+
+
+def supercell_repeats(cell: np.ndarray, min_width: float) -> tuple[int, int, int]:
+    """Smallest diagonal repeats (na, nb, nc) making every perpendicular width >= min_width, Å.
+
+    The width of face pair i of an (na, nb, nc) supercell is n_i times the unit cell's.
+    """
+    widths = perpendicular_widths(cell)
+    return tuple(max(1, int(math.ceil(min_width / w - 1e-9))) for w in widths)  # type: ignore[return-value]
+
+
+def center_of_mass(pos: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
+    """Mass-weighted mean position per graph, Å. pos (N,3), masses (N,), batch (N,) -> (G,3)."""
+    m = masses.to(pos.dtype).unsqueeze(-1)
+    num = torch.zeros(n_graphs, 3, dtype=pos.dtype, device=pos.device).index_add_(0, batch, pos * m)
+    den = torch.zeros(n_graphs, 1, dtype=pos.dtype, device=pos.device).index_add_(0, batch, m)
+    return num / den
+
+
+def radius_graph_pbc(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    cutoff: float,
+    ptr: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Periodic radius graph of a batch of crystals, on the device of ``pos`` (vesin-torch).
+
+    pos (N,3) Å unwrapped (any lattice image is fine), cell (G,3,3) Å, batch (N,) graph index.
+    Returns ``edge_index`` (2,E) as (i, j) global atom indices with |r_j + S - r_i| < cutoff,
+    and ``shift`` (E,3), the Cartesian image offset S in Å, so that the edge vector is
+    ``pos[j] - pos[i] + shift``. Self-pairs are excluded unless they connect distinct images.
+    Computed in float64 for a stable edge set; the shift makes it exact for unwrapped input.
+    """
+    from vesin.torch import NeighborList
+
+    n_graphs = cell.shape[0]
+    if ptr is None:
+        counts = torch.bincount(batch, minlength=n_graphs)
+        ptr = torch.zeros(n_graphs + 1, dtype=torch.long, device=pos.device)
+        ptr[1:] = torch.cumsum(counts, 0)
+    nl = NeighborList(cutoff=float(cutoff), full_list=True)
+    pos64 = pos.detach().to(torch.float64)
+    cell64 = cell.detach().to(torch.float64)
+    edges, shifts = [], []
+    for g in range(n_graphs):
+        lo, hi = int(ptr[g]), int(ptr[g + 1])
+        p = pos64[lo:hi]
+        c = cell64[g]
+        # vesin wants points inside the box: wrap a copy, remember the lattice offset.
+        frac = torch.linalg.solve(c.T, p.T).T
+        offset = torch.floor(frac)
+        p_wrapped = p - offset @ c
+        i, j, s = nl.compute(points=p_wrapped, box=c, periodic=True, quantities="ijS")
+        s = s.to(torch.float64)
+        # vector = p_wrapped[j] - p_wrapped[i] + s@c  =  p[j] - p[i] + (s - off_j + off_i)@c
+        s_unwrapped = s - offset[j] + offset[i]
+        edges.append(torch.stack([i.long() + lo, j.long() + lo]))
+        shifts.append(s_unwrapped @ c)
+    edge_index = torch.cat(edges, dim=1) if edges else torch.zeros(2, 0, dtype=torch.long, device=pos.device)
+    shift = torch.cat(shifts, dim=0).to(pos.dtype) if shifts else torch.zeros(0, 3, dtype=pos.dtype, device=pos.device)
+    return edge_index.to(pos.device), shift.to(pos.device)
+
+
+def mic_displacements(delta: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Minimum-image version of displacement vectors ``delta`` (..., 3) in a cell, Å.
+
+    Used only to *check* unwrapping (a trajectory stays unwrapped everywhere else).
+    """
+    cell = np.asarray(cell, float)
+    frac = delta @ np.linalg.inv(cell)
+    frac -= np.round(frac)
+    return frac @ cell

@@ -1,0 +1,224 @@
+"""The single Parquet schema module: table schemas, atomic writes, schema-checked reads.
+
+Every file written here carries provenance (config digest + versions) in its key-value
+metadata under ``liflow_screen``. Units: Å, ps, K, eV, amu.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .errors import SchemaError
+from .io import atomic_path
+
+META_KEY = b"liflow_screen"
+SPLITS = ("train", "val", "test")
+
+#: results/structures/manifest.parquet: one row per input structure (unit cell as CIF).
+MANIFEST = pa.schema([
+    ("id", pa.string()),
+    ("formula", pa.string()),            # full formula of the unit cell, e.g. "Li12 P4 S16"
+    ("reduced_formula", pa.string()),    # composition key of the split, e.g. "Li3PS4"
+    ("n_atoms", pa.int32()),             # atoms in the unit cell
+    ("li_fraction", pa.float64()),
+    ("band_gap", pa.float64()),          # eV, null when unknown
+    ("e_above_hull", pa.float64()),      # eV/atom, null when unknown
+    ("source", pa.string()),             # where it came from (MP id + db version, citation, file)
+    ("cif", pa.string()),                # unit cell, CIF text
+    ("supercell", pa.list_(pa.int32(), 3)),  # diagonal repeats so all widths >= min_width
+    ("n_atoms_supercell", pa.int32()),
+    ("min_width", pa.float64()),         # Å, smallest perpendicular width of the supercell
+    ("split", pa.string()),              # train | val | test (by reduced composition)
+    ("chunk", pa.int32()),               # work chunk index for MD / rollout jobs
+    ("run_md", pa.bool_()),              # whether reference MD is run for it
+])
+
+#: Relaxed supercells with descriptors (md chunks -> dataset/structures.parquet).
+STRUCTURES = pa.schema([
+    ("id", pa.string()),
+    ("reduced_formula", pa.string()),
+    ("split", pa.string()),
+    ("numbers", pa.list_(pa.int16())),      # atomic numbers, supercell order
+    ("cell", pa.list_(pa.float64(), 9)),    # Å, rows a, b, c flattened
+    ("positions", pa.list_(pa.float64())),  # Å, relaxed supercell, flattened (n*3)
+    ("n_atoms", pa.int32()),
+    ("n_li", pa.int32()),
+    ("desc_li", pa.list_(pa.float32())),    # mean invariant features of Li atoms
+    ("desc_frame", pa.list_(pa.float32())), # mean invariant features of non-Li atoms
+    ("energy", pa.float64()),               # eV, after relaxation
+    ("relax_status", pa.string()),          # ok | not_converged | failed: <reason>
+])
+
+#: Trajectory frames (reference MD and LiFlow rollouts share it). Partitioned by
+#: temperature and split on disk, so those two live in the path, not the file.
+FRAMES = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),                # "md" or "liflow:<variant>"
+    ("frame", pa.int32()),                  # saved-frame index, 0 = initial
+    ("time_ps", pa.float32()),
+    ("positions", pa.list_(pa.float32())),  # Å, unwrapped Cartesian, flattened (n*3)
+    ("energy", pa.float64()),               # eV (potential energy; null for rollouts)
+    ("temperature_inst", pa.float32()),     # K (instantaneous; null for rollouts)
+])
+FRAME_PARTITIONS = pa.schema([("temperature", pa.int32()), ("split", pa.string())])
+
+#: One row per trajectory (structure, temperature): how it ended.
+STATUS = pa.schema([
+    ("id", pa.string()),
+    ("temperature", pa.int32()),            # K
+    ("split", pa.string()),
+    ("source", pa.string()),
+    ("status", pa.string()),                # ok | exploded | nan | relax_failed | diverged | error
+    ("reason", pa.string()),
+    ("n_frames", pa.int32()),
+    ("duration_ps", pa.float64()),
+    ("wall_s", pa.float64()),
+])
+
+#: Per-trajectory labels for the prior selector (dataset/labels.parquet).
+LABELS = pa.schema([
+    ("id", pa.string()),
+    ("temperature", pa.int32()),
+    ("split", pa.string()),
+    ("duration_ps", pa.float64()),
+    ("msd_li", pa.float64()),               # Å^2 at the last frame (Eq. 12, single origin)
+    ("msd_frame", pa.float64()),
+    ("msd_li_per_ps", pa.float64()),        # MSD / τ, Å^2/ps
+    ("msd_frame_per_ps", pa.float64()),
+    ("slow_li", pa.bool_()),                # MSD/τ < threshold
+    ("slow_frame", pa.bool_()),
+])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "manifest": MANIFEST, "structures": STRUCTURES, "frames": FRAMES, "status": STATUS, "labels": LABELS,
+}
+
+
+def _with_meta(schema: pa.Schema, prov: dict[str, Any] | None, kind: str) -> pa.Schema:
+    meta = {b"liflow_kind": kind.encode()}
+    if prov is not None:
+        meta[META_KEY] = json.dumps(prov, default=str, sort_keys=True).encode()
+    return schema.with_metadata(meta)
+
+
+def to_table(df: pd.DataFrame | list[dict[str, Any]], kind: str) -> pa.Table:
+    """Build an Arrow table of schema ``kind`` from a DataFrame or list of row dicts."""
+    schema = SCHEMAS[kind]
+    if isinstance(df, list):
+        cols = {f.name: [r.get(f.name) for r in df] for f in schema}
+        return pa.table(cols, schema=schema)
+    missing = [f.name for f in schema if f.name not in df.columns]
+    if missing:
+        raise SchemaError(f"{kind} table is missing columns: {', '.join(missing)}")
+    return pa.Table.from_pandas(df[[f.name for f in schema]], schema=schema, preserve_index=False)
+
+
+def write_table(table: pa.Table, path: str | Path, kind: str, prov: dict[str, Any] | None = None,
+                zstd_level: int = 3) -> None:
+    """Write ``table`` (schema ``kind``) to ``path`` atomically, zstd-compressed, with provenance."""
+    expected = SCHEMAS[kind]
+    if not table.schema.remove_metadata().equals(expected):
+        table = table.select([f.name for f in expected]).cast(expected)
+    table = table.replace_schema_metadata(_with_meta(expected, prov, kind).metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level,
+                       use_dictionary=["id", "source", "split", "status"] if kind != "manifest" else True)
+
+
+def write_rows(rows: pd.DataFrame | list[dict[str, Any]], path: str | Path, kind: str,
+               prov: dict[str, Any] | None = None, zstd_level: int = 3) -> None:
+    """Convenience: ``to_table`` then ``write_table``."""
+    write_table(to_table(rows, kind), path, kind, prov, zstd_level)
+
+
+def _check(schema: pa.Schema, kind: str, path: Path) -> None:
+    expected = SCHEMAS[kind]
+    for f in expected:
+        if f.name not in schema.names:
+            raise SchemaError(f"{path}: not a {kind} table (column {f.name!r} missing)")
+        got = schema.field(f.name).type
+        if not got.equals(f.type):
+            raise SchemaError(f"{path}: column {f.name!r} has type {got}, expected {f.type}")
+
+
+def read_table(path: str | Path, kind: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a single Parquet file of schema ``kind``; a corrupt or mismatched file is a SchemaError."""
+    p = Path(path)
+    if not p.is_file():
+        raise SchemaError(f"{p}: file not found")
+    try:
+        pf = pq.ParquetFile(p)
+        _check(pf.schema_arrow, kind, p)
+        return pf.read(columns=columns)
+    except SchemaError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        raise SchemaError(f"{p}: unreadable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+
+
+def read_df(path: str | Path, kind: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """``read_table`` as a pandas DataFrame."""
+    return read_table(path, kind, columns).to_pandas()
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The provenance record stored in a Parquet file written by ``write_table``."""
+    md = pq.ParquetFile(path).schema_arrow.metadata or {}
+    raw = md.get(META_KEY)
+    return json.loads(raw) if raw else None
+
+
+def verify(path: str | Path, kind: str) -> None:
+    """Fully decode a file (all pages) to detect corruption; raises SchemaError."""
+    t = read_table(path, kind)
+    try:
+        t.validate(full=True)
+    except Exception as exc:
+        raise SchemaError(f"{path}: invalid {kind} data ({exc})") from exc
+
+
+def frame_partition_path(root: str | Path, temperature: float, split: str) -> Path:
+    """Hive-style directory of the frame table for one (temperature K, split)."""
+    return Path(root) / f"temperature={int(round(temperature))}" / f"split={split}"
+
+
+def open_frames(root: str | Path) -> pads.Dataset:
+    """Open a partitioned frame dataset (``temperature=*/split=*/*.parquet``), schema-checked."""
+    root = Path(root)
+    files = sorted(root.glob("temperature=*/split=*/*.parquet"))
+    if not files:
+        raise SchemaError(f"{root}: no frame files (expected temperature=*/split=*/*.parquet)")
+    for f in files:
+        try:
+            _check(pq.read_schema(f), "frames", f)
+        except SchemaError:
+            raise
+        except Exception as exc:
+            raise SchemaError(f"{f}: unreadable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    part = pads.partitioning(FRAME_PARTITIONS, flavor="hive")
+    return pads.dataset([str(f) for f in files], format="parquet", partitioning=part,
+                        partition_base_dir=str(root), schema=pa.unify_schemas([FRAMES, FRAME_PARTITIONS]))
+
+
+def read_trajectory(dataset: pads.Dataset, sid: str, temperature: float, source: str | None = None):
+    """Positions (F, n, 3) float32 Å and times (F,) ps of one trajectory, frames in order."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    filt = (pc.field("id") == sid) & (pc.field("temperature") == int(round(temperature)))
+    if source is not None:
+        filt = filt & (pc.field("source") == source)
+    t = dataset.to_table(columns=["frame", "time_ps", "positions"], filter=filt).sort_by("frame")
+    if t.num_rows == 0:
+        raise SchemaError(f"no frames for structure {sid!r} at {temperature:g} K")
+    flat = t.column("positions").combine_chunks()
+    values = flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    pos = values.reshape(t.num_rows, -1, 3)
+    return pos, t.column("time_ps").to_numpy()
