@@ -1,0 +1,539 @@
+"""Trajectory analysis: MSD, kinisi self-diffusion, Arrhenius fits, Nernst–Einstein, RDF, metrics.
+
+Pure functions on numpy arrays. Conventions (as everywhere in the package):
+positions ``pos`` (F, n, 3) in Å, **unwrapped** Cartesian; ``times_ps`` (F,) in ps;
+``numbers`` (n,) atomic numbers; ``cell`` (3, 3) Å with lattice vectors as rows;
+MSD in Å², diffusion coefficients in cm²/s, temperatures in K, energies in eV,
+conductivity in S/cm.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+#: Boltzmann constant, eV/K (CODATA 2018).
+K_B_EV = 8.617333262e-5
+#: Boltzmann constant, J/K (exact, SI 2019).
+K_B_J = 1.380649e-23
+#: Elementary charge, C (exact, SI 2019).
+E_CHARGE = 1.602176634e-19
+#: 1 Å²/ps in cm²/s.
+A2_PER_PS_TO_CM2_PER_S = 1e-16 / 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+
+def _as_traj(pos: np.ndarray) -> np.ndarray:
+    arr = np.asarray(pos, dtype=np.float64)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise InputError(f"positions must have shape (frames, atoms, 3), got {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(f"positions must have at least one frame and one atom, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError("positions contain NaN or infinite values")
+    return arr
+
+
+def _as_mask(mask: np.ndarray | Sequence[bool], n: int) -> np.ndarray:
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != (n,):
+        raise InputError(f"atom mask must have shape ({n},), got {m.shape}")
+    if not m.any():
+        raise InputError("atom mask selects no atoms")
+    return m
+
+
+def _as_cell(cell: np.ndarray) -> np.ndarray:
+    c = np.asarray(cell, dtype=np.float64)
+    if c.shape == (9,):
+        c = c.reshape(3, 3)
+    if c.shape != (3, 3) or not np.all(np.isfinite(c)):
+        raise InputError(f"cell must be a finite (3, 3) matrix in Å, got shape {c.shape}")
+    if abs(np.linalg.det(c)) < 1e-6:
+        raise InputError("cell is singular (zero volume)")
+    return c
+
+
+def species_mask(numbers: np.ndarray, species: str | int | None) -> np.ndarray:
+    """Boolean mask of atoms of ``species`` (symbol such as ``"Li"`` or atomic number); None = all."""
+    from ase.data import atomic_numbers
+
+    nums = np.asarray(numbers, dtype=int)
+    if species is None:
+        return np.ones(nums.shape, dtype=bool)
+    if isinstance(species, str):
+        if species not in atomic_numbers:
+            raise InputError(f"unknown chemical symbol {species!r}")
+        z = atomic_numbers[species]
+    else:
+        z = int(species)
+    return nums == z
+
+
+def frame_step_ps(times_ps: np.ndarray, rtol: float = 1e-3) -> float:
+    """The (uniform) spacing of saved frames, ps; InputError if the times are not evenly spaced."""
+    t = np.asarray(times_ps, dtype=np.float64)
+    if t.ndim != 1 or t.size < 2:
+        raise InputError("need at least two frame times to define a time step")
+    d = np.diff(t)
+    step = float(np.median(d))
+    if step <= 0 or not np.allclose(d, step, rtol=rtol, atol=1e-6):
+        raise InputError(f"frame times are not evenly spaced (steps between {d.min():g} and {d.max():g} ps)")
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# mean squared displacement
+# --------------------------------------------------------------------------------------------
+
+def msd_single_origin(pos: np.ndarray, mask: np.ndarray | Sequence[bool]) -> np.ndarray:
+    """Eq. (12): MSD_S(τ_k) = mean_{i∈S} |x_{k,i} − x_{0,i}|², Å², for every frame k (shape (F,)).
+
+    ``pos`` (F, n, 3) unwrapped Å; ``mask`` (n,) selects the species group S.
+    """
+    x = _as_traj(pos)
+    m = _as_mask(mask, x.shape[1])
+    d = x[:, m] - x[0, m]
+    return np.einsum("fij,fij->f", d, d) / m.sum()
+
+
+def msd_multi_origin(pos: np.ndarray, mask: np.ndarray | Sequence[bool],
+                     max_lag: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MSD averaged over all time origins, Å², by the FFT (Wiener–Khinchin) algorithm.
+
+    MSD(m) = mean_{i∈S} mean_{k=0}^{F−1−m} |x_{k+m,i} − x_{k,i}|² for lags m = 0..max_lag frames
+    (default F−1). Returns ``(lags, msd)``; multiply ``lags`` by the frame step for ps.
+    Cost O(n F log F) instead of the O(n F²) double loop.
+    """
+    x = _as_traj(pos)
+    m = _as_mask(mask, x.shape[1])
+    n_frames = x.shape[0]
+    if max_lag is None:
+        max_lag = n_frames - 1
+    if not 0 <= max_lag <= n_frames - 1:
+        raise InputError(f"max_lag must be in [0, {n_frames - 1}], got {max_lag}")
+    r = x[:, m] - x[0, m]  # (F, s, 3); a constant shift per atom leaves the MSD unchanged
+    n_sel = r.shape[1]
+    # S1(m) = (1/(F-m)) sum_{k=0}^{F-1-m} (|r_{k+m}|^2 + |r_k|^2), from prefix sums of |r_k|^2.
+    sq = np.einsum("fij,fij->f", r, r)  # summed over selected atoms
+    csum = np.concatenate([[0.0], np.cumsum(sq)])
+    lags = np.arange(n_frames)
+    counts = n_frames - lags
+    head = csum[counts]                      # sum_{k=0}^{F-1-m} |r_k|^2
+    tail = csum[n_frames] - csum[lags]       # sum_{k=m}^{F-1} |r_k|^2
+    s1 = (head + tail) / counts
+    # S2(m) = (1/(F-m)) sum_k r_k . r_{k+m}, an autocorrelation, by zero-padded FFT.
+    nfft = 1 << int(math.ceil(math.log2(2 * n_frames)))
+    f = np.fft.rfft(r, n=nfft, axis=0)
+    acf = np.fft.irfft((f * f.conj()).real.sum(axis=(1, 2)), n=nfft)[:n_frames]
+    s2 = acf / counts
+    msd = (s1 - 2.0 * s2) / n_sel
+    msd[0] = 0.0
+    msd = np.maximum(msd, 0.0)  # round-off at the ~1e-12 level
+    return lags[: max_lag + 1], msd[: max_lag + 1]
+
+
+# --------------------------------------------------------------------------------------------
+# self-diffusion: kinisi (Bayesian) with a coarse dt grid; OLS only as a labelled fallback
+# --------------------------------------------------------------------------------------------
+
+def coarse_lag_grid(n_frames: int, n_dt: int) -> np.ndarray:
+    """At most ``n_dt`` distinct integer frame lags, evenly spaced from 1 to ``n_frames − 1``."""
+    if n_frames < 2:
+        raise InputError("need at least two frames for a lag grid")
+    n_dt = max(2, int(n_dt))
+    return np.unique(np.round(np.linspace(1, n_frames - 1, min(n_dt, n_frames - 1))).astype(int))
+
+
+def _start_index(lag_times: np.ndarray, start_dt_ps: float | None, duration: float, min_points: int = 3) -> int:
+    """Index of the first grid point of the diffusive regime (at least ``min_points`` points kept)."""
+    if start_dt_ps is None:
+        start_dt_ps = max(0.1 * duration, float(lag_times[0]))
+    idx = int(np.searchsorted(lag_times, start_dt_ps - 1e-9))
+    return max(0, min(idx, lag_times.size - min_points))
+
+
+def _ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    lo, med, hi = np.percentile(samples, [50 * (1 - level), 50.0, 50 * (1 + level)])
+    return float(lo), float(med), float(hi)
+
+
+def _unwrapped_parser_class() -> type:
+    """A kinisi ``Parser`` that takes unwrapped Cartesian coordinates as they are.
+
+    kinisi's own parsers (ASE, pymatgen, MDAnalysis) read *fractional* coordinates and rebuild
+    the trajectory by applying the minimum-image convention to frame-to-frame differences, and
+    prepend a copy of the first frame. Both break LiFlow rollouts, whose saved frames are 1 ps
+    apart and can move an atom by more than half a cell. This subclass keeps everything else of
+    kinisi (framework drift correction, MSD variances, the Bayesian regression) and replaces
+    only the displacement reconstruction by the exact ``x_{k+1} − x_0`` of the unwrapped input.
+    """
+    import scipp as sc
+    from kinisi.parser import Parser
+
+    class UnwrappedParser(Parser):
+        @staticmethod
+        def _exact(coords: Any, lattice: Any) -> Any:  # noqa: ARG004 - signature of kinisi
+            vals = coords.values[1:] - coords.values[:1]
+            return sc.array(dims=["obs", "particle", "dimension"], values=vals, unit=coords.unit)
+
+        orthorhombic_calculate_displacements = _exact
+        non_orthorhombic_calculate_displacements = _exact
+
+        def get_indices(self, structure: Any, specie: Any) -> tuple[Any, Any]:
+            mask = np.asarray(structure) == int(specie)
+            return (sc.array(dims=["particle"], values=np.flatnonzero(mask)),
+                    sc.array(dims=["particle"], values=np.flatnonzero(~mask)))
+
+        def get_drift_indices(self, structure: Any, specie_indices: Any) -> Any:
+            keep = np.setdiff1d(np.arange(len(structure)), specie_indices.values)
+            return sc.array(dims=["particle"], values=keep)
+
+    return UnwrappedParser
+
+
+def kinisi_diffusion(
+    pos: np.ndarray,
+    times_ps: np.ndarray,
+    numbers: np.ndarray,
+    cell: np.ndarray,
+    species: str = "Li",
+    n_dt: int = 20,
+    n_samples: int = 1000,
+    seed: int = 0,
+    start_dt_ps: float | None = None,
+    drift_correction: bool = True,
+) -> dict[str, Any]:
+    """Tracer self-diffusion D* (cm²/s) of ``species`` with a 95 % credible interval (kinisi 2.x).
+
+    kinisi's ``DiffusionAnalyzer`` computes the multi-origin MSD on a coarse grid of at most
+    ``n_dt`` time lags (evenly spaced, ps) with its variances and covariances, and samples
+    D* = slope / 6 by MCMC (emcee, 32 walkers, ``n_samples`` steps after 500 burn-in) from the
+    first lag >= ``start_dt_ps`` (default: 10 % of the trajectory length) on. Coordinates are
+    passed unwrapped, exactly (see ``_unwrapped_parser_class``); with ``drift_correction`` the
+    mean displacement of the other atoms (the framework) is subtracted, kinisi's default.
+
+    Returns a dict: ``D`` (posterior median), ``D_low``, ``D_high`` (2.5 / 97.5 percentiles),
+    ``D_mean``, ``method`` ("kinisi"), ``start_dt_ps``, ``n_dt`` (grid points used), ``n_atoms``.
+    If kinisi raises, falls back to :func:`ols_diffusion` with ``method`` "ols" and the kinisi
+    error in ``note`` (never silently). Bad input raises InputError before any fitting.
+    """
+    x = _as_traj(pos)
+    c = _as_cell(cell)
+    t = np.asarray(times_ps, dtype=np.float64)
+    if t.shape != (x.shape[0],):
+        raise InputError(f"times_ps must have shape ({x.shape[0]},), got {t.shape}")
+    if x.shape[0] < 4:
+        raise InputError(f"need at least 4 frames to fit a diffusion coefficient, got {x.shape[0]}")
+    step = frame_step_ps(t)
+    nums = np.asarray(numbers, dtype=int)
+    if nums.shape != (x.shape[1],):
+        raise InputError(f"numbers must have shape ({x.shape[1]},), got {nums.shape}")
+    mask = species_mask(nums, species)
+    if not mask.any():
+        raise InputError(f"no {species} atoms in the structure")
+    lags = coarse_lag_grid(x.shape[0], n_dt)
+    lag_times = lags.astype(np.float64) * step
+    duration = float((x.shape[0] - 1) * step)
+    i0 = _start_index(lag_times, start_dt_ps, duration)
+    start = float(lag_times[i0])
+    try:
+        samples = _kinisi_samples(x, c, nums, species, step, lags, start, n_samples, seed, drift_correction)
+        lo, med, hi = _ci(samples)
+        return {"D": med, "D_low": lo, "D_high": hi, "D_mean": float(samples.mean()), "method": "kinisi",
+                "note": "", "start_dt_ps": start, "n_dt": int(lags.size), "n_atoms": int(mask.sum())}
+    except InputError:
+        raise
+    except Exception as exc:  # kinisi / emcee / scipp failures -> labelled fallback
+        res = ols_diffusion(x, t, mask, start_dt_ps=start, n_dt=n_dt)
+        res["note"] = f"kinisi failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        res["n_atoms"] = int(mask.sum())
+        return res
+
+
+def _kinisi_samples(x: np.ndarray, cell: np.ndarray, numbers: np.ndarray, species: str, step: float,
+                    lags: np.ndarray, start: float, n_samples: int, seed: int,
+                    drift_correction: bool) -> np.ndarray:
+    """Posterior samples of D* (cm²/s) from kinisi for an unwrapped trajectory."""
+    import scipp as sc
+    from kinisi.analyze import DiffusionAnalyzer
+    from kinisi.displacement import calculate_msd
+
+    parser_cls = _unwrapped_parser_class()
+    n_frames = x.shape[0]
+    coords = sc.array(dims=["time", "particle", "dimension"], values=x, unit=sc.units.angstrom)
+    latt = sc.array(dims=["time", "dimension1", "dimension2"],
+                    values=np.broadcast_to(cell, (n_frames, 3, 3)).copy(), unit=sc.units.angstrom)
+    mask = species_mask(numbers, species)
+    spec_idx = sc.array(dims=["particle"], values=np.flatnonzero(mask))
+    drift_idx = sc.array(dims=["particle"], values=np.flatnonzero(~mask) if drift_correction else np.array([], int))
+    dt = sc.array(dims=["time interval"], values=lags.astype(np.float64) * step, unit="ps")
+    parser = parser_cls(coords=coords, latt=latt, time_step=sc.scalar(step, unit="ps"),
+                        step_skip=sc.scalar(1, unit=sc.units.dimensionless), dt=dt,
+                        specie_indices=spec_idx, drift_indices=drift_idx)
+    analyzer = DiffusionAnalyzer(parser)
+    analyzer._dg = calculate_msd(parser, progress=False)  # what DiffusionAnalyzer.from_ase does
+    state = np.random.get_state()  # kinisi seeds numpy's global RNG: restore it afterwards
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analyzer.diffusion(sc.scalar(start, unit="ps"), n_samples=int(n_samples), progress=False,
+                               random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(state)
+    samples = np.asarray(analyzer.D.values, dtype=np.float64)
+    if samples.size == 0 or not np.all(np.isfinite(samples)):
+        raise RuntimeError("kinisi returned no finite samples")
+    return samples
+
+
+def ols_diffusion(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
+                  start_dt_ps: float | None = None, n_dt: int = 20) -> dict[str, Any]:
+    """Fallback D* (cm²/s): ordinary least squares of the multi-origin MSD vs lag, D = slope/6.
+
+    Fitted on the same coarse lag grid as kinisi from ``start_dt_ps`` on; the 95 % interval is
+    slope ± t·SE, which ignores the strong correlation of MSD points and so is too narrow.
+    ``method`` is "ols" so the report can tell these rows apart.
+    """
+    from scipy import stats
+
+    x = _as_traj(pos)
+    t = np.asarray(times_ps, dtype=np.float64)
+    step = frame_step_ps(t)
+    lags_all, msd = msd_multi_origin(x, mask)
+    lags = coarse_lag_grid(x.shape[0], n_dt)
+    lt = lags * step
+    i0 = _start_index(lt, start_dt_ps, float(lags_all[-1] * step), min_points=3)
+    xs, ys = lt[i0:], msd[lags[i0:]]
+    if xs.size < 3:
+        raise InputError("too few time lags for a least-squares diffusion fit")
+    fit = stats.linregress(xs, ys)
+    q = stats.t.ppf(0.975, xs.size - 2)
+    conv = A2_PER_PS_TO_CM2_PER_S / 6.0
+    return {"D": float(fit.slope * conv), "D_low": float((fit.slope - q * fit.stderr) * conv),
+            "D_high": float((fit.slope + q * fit.stderr) * conv), "D_mean": float(fit.slope * conv),
+            "method": "ols", "note": "", "start_dt_ps": float(xs[0]), "n_dt": int(xs.size)}
+
+
+# --------------------------------------------------------------------------------------------
+# Arrhenius fit and Nernst–Einstein conductivity
+# --------------------------------------------------------------------------------------------
+
+def arrhenius_fit(
+    temps_K: Sequence[float] | np.ndarray,
+    D: Sequence[float] | np.ndarray,
+    D_low: Sequence[float] | np.ndarray | None = None,
+    D_high: Sequence[float] | np.ndarray | None = None,
+    target_T: float = 300.0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Fit ln D = ln D0 − E_A/(k_B T); E_A in eV, D and D0 in the units of ``D`` (cm²/s).
+
+    With intervals (``D_low``, ``D_high``, read as 95 % intervals symmetric in ln D) the fit is
+    weighted least squares with σ_lnD = (ln D_high − ln D_low)/(2·1.96); its covariance is
+    scaled by the reduced χ² when that exceeds 1 (Birge ratio) and intervals use the normal
+    quantile. Without intervals it is ordinary least squares with Student-t intervals (n − 2
+    degrees of freedom; none for two temperatures). Non-finite or non-positive D are dropped.
+
+    Returns E_A, E_A_low, E_A_high (eV), D0, ln_D0, D_target, D_target_low, D_target_high at
+    ``target_T`` (K), n_points, T_min, T_max, method ("wls" | "ols"), chi2_red, and
+    ``extrapolated`` (True when target_T lies outside [T_min, T_max], e.g. always for 300 K).
+    """
+    from scipy import stats
+
+    T = np.asarray(temps_K, dtype=np.float64)
+    d = np.asarray(D, dtype=np.float64)
+    if T.shape != d.shape or T.ndim != 1:
+        raise InputError("temps_K and D must be 1-D arrays of equal length")
+    if np.any(T <= 0):
+        raise InputError("temperatures must be positive (K)")
+    ok = np.isfinite(d) & (d > 0)
+    weighted = D_low is not None and D_high is not None
+    if weighted:
+        lo = np.asarray(D_low, dtype=np.float64)
+        hi = np.asarray(D_high, dtype=np.float64)
+        if lo.shape != d.shape or hi.shape != d.shape:
+            raise InputError("D_low and D_high must match D in shape")
+        ok &= np.isfinite(lo) & np.isfinite(hi) & (lo > 0) & (hi > lo)
+    out: dict[str, Any] = {"E_A": math.nan, "E_A_low": math.nan, "E_A_high": math.nan, "D0": math.nan,
+                           "ln_D0": math.nan, "D_target": math.nan, "D_target_low": math.nan,
+                           "D_target_high": math.nan, "target_T": float(target_T), "n_points": int(ok.sum()),
+                           "T_min": float(T[ok].min()) if ok.any() else math.nan,
+                           "T_max": float(T[ok].max()) if ok.any() else math.nan,
+                           "method": "wls" if weighted else "ols", "chi2_red": math.nan,
+                           "extrapolated": True}
+    if ok.any():
+        out["extrapolated"] = bool(target_T < out["T_min"] - 1e-9 or target_T > out["T_max"] + 1e-9)
+    if ok.sum() < 2 or np.unique(T[ok]).size < 2:
+        return out
+    x = 1.0 / (K_B_EV * T[ok])
+    y = np.log(d[ok])
+    X = np.column_stack([np.ones_like(x), -x])  # y = ln D0 - E_A * x
+    n = x.size
+    if weighted:
+        sig = (np.log(hi[ok]) - np.log(lo[ok])) / (2.0 * stats.norm.ppf(0.5 + level / 2))
+        w = 1.0 / sig**2
+        A = X.T @ (w[:, None] * X)
+        cov = np.linalg.inv(A)
+        beta = cov @ (X.T @ (w * y))
+        resid = y - X @ beta
+        if n > 2:
+            chi2 = float(np.sum(w * resid**2) / (n - 2))
+            out["chi2_red"] = chi2
+            cov = cov * max(1.0, chi2)
+        q = float(stats.norm.ppf(0.5 + level / 2))
+    else:
+        beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+        resid = y - X @ beta
+        if n > 2:
+            s2 = float(resid @ resid / (n - 2))
+            cov = s2 * np.linalg.inv(X.T @ X)
+            q = float(stats.t.ppf(0.5 + level / 2, n - 2))
+        else:
+            cov = np.full((2, 2), np.nan)
+            q = math.nan
+    ln_d0, e_a = float(beta[0]), float(beta[1])
+    se_e = math.sqrt(cov[1, 1]) if np.isfinite(cov[1, 1]) else math.nan
+    xt = 1.0 / (K_B_EV * target_T)
+    g = np.array([1.0, -xt])
+    yt = ln_d0 - e_a * xt
+    se_t = math.sqrt(float(g @ cov @ g)) if np.all(np.isfinite(cov)) else math.nan
+    out.update({"E_A": e_a, "E_A_low": e_a - q * se_e, "E_A_high": e_a + q * se_e, "ln_D0": ln_d0,
+                "D0": math.exp(ln_d0), "D_target": math.exp(yt), "D_target_low": math.exp(yt - q * se_t),
+                "D_target_high": math.exp(yt + q * se_t)})
+    return out
+
+
+def nernst_einstein_conductivity(D_cm2_s: float | np.ndarray, n_li: int, volume_A3: float, T: float,
+                                 charge: float = 1.0) -> float | np.ndarray:
+    """Nernst–Einstein ionic conductivity σ = n q² D / (k_B T), S/cm.
+
+    ``n_li`` carriers in a cell of ``volume_A3`` Å³ (number density n in cm⁻³), q = charge · e in C,
+    D in cm²/s, k_B in J/K, T in K. Uncorrelated-ion (tracer) approximation, Haven ratio 1.
+    """
+    if volume_A3 <= 0 or T <= 0:
+        raise InputError("volume (Å³) and temperature (K) must be positive")
+    n_per_cm3 = n_li / (volume_A3 * 1e-24)
+    q = charge * E_CHARGE
+    return n_per_cm3 * q**2 * np.asarray(D_cm2_s, dtype=np.float64) / (K_B_J * T) if np.ndim(D_cm2_s) \
+        else float(n_per_cm3 * q**2 * float(D_cm2_s) / (K_B_J * T))
+
+
+# --------------------------------------------------------------------------------------------
+# radial distribution function
+# --------------------------------------------------------------------------------------------
+
+def rdf(
+    pos: np.ndarray,
+    numbers: np.ndarray,
+    cell: np.ndarray,
+    r_max: float = 5.0,
+    n_bins: int = 100,
+    discard: float = 0.2,
+    pair: tuple[str | None, str | None] | None = None,
+    max_frames: int | None = 200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Radial distribution function g(r) (Eq. 14), averaged over frames, r in Å.
+
+    g_AB(r) = V / (n_A n_B) · <Σ_{i∈A} Σ_{j∈B, j≠i} δ(r − r_ij)> / (4π r²), histogrammed in
+    ``n_bins`` shells up to ``r_max`` (shell volumes exact). ``pair`` None = all atoms (Eq. 14);
+    ("Li", "Li") or ("Li", None) (Li – any atom) for species-resolved curves. The first
+    ``discard`` fraction of frames is dropped, then at most ``max_frames`` evenly spaced frames
+    are used. Periodic pair distances come from :func:`geometry.radius_graph_pbc` (vesin), which
+    is exact for unwrapped positions and any cutoff. Returns bin centres r and g(r).
+    """
+    import torch
+
+    from .geometry import radius_graph_pbc
+
+    x = np.asarray(pos, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None]
+    x = _as_traj(x)
+    c = _as_cell(cell)
+    nums = np.asarray(numbers, dtype=int)
+    if nums.shape != (x.shape[1],):
+        raise InputError(f"numbers must have shape ({x.shape[1]},), got {nums.shape}")
+    if r_max <= 0 or n_bins < 1:
+        raise InputError("r_max must be positive (Å) and n_bins at least 1")
+    if not 0.0 <= discard < 1.0:
+        raise InputError("discard must be in [0, 1)")
+    a_spec, b_spec = (None, None) if pair is None else pair
+    ma, mb = species_mask(nums, a_spec), species_mask(nums, b_spec)
+    if not ma.any() or not mb.any():
+        raise InputError(f"no atoms for RDF pair {pair}")
+    frames = x[int(math.floor(discard * x.shape[0])):]
+    if max_frames is not None and frames.shape[0] > max_frames:
+        frames = frames[np.unique(np.linspace(0, frames.shape[0] - 1, max_frames).round().astype(int))]
+    n_f, n_at = frames.shape[:2]
+    edges = np.linspace(0.0, float(r_max), int(n_bins) + 1)
+    hist = np.zeros(int(n_bins), dtype=np.float64)
+    cell_t = torch.as_tensor(c, dtype=torch.float64)
+    chunk = max(1, 20000 // n_at)
+    for s in range(0, n_f, chunk):
+        block = frames[s:s + chunk]
+        g = block.shape[0]
+        p = torch.as_tensor(block.reshape(-1, 3), dtype=torch.float64)
+        batch = torch.arange(g).repeat_interleave(n_at)
+        ptr = torch.arange(g + 1) * n_at
+        ei, shift = radius_graph_pbc(p, cell_t.expand(g, 3, 3), batch, float(r_max), ptr=ptr)
+        i, j = ei[0].numpy(), ei[1].numpy()
+        dist = torch.linalg.norm(p[ei[1]] - p[ei[0]] + shift, dim=1).numpy()
+        keep = ma[i % n_at] & mb[j % n_at]
+        hist += np.histogram(dist[keep], bins=edges)[0]
+    volume = abs(np.linalg.det(c))
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    rho_b = mb.sum() / volume
+    g_r = hist / (n_f * ma.sum() * rho_b * shell)
+    return 0.5 * (edges[1:] + edges[:-1]), g_r
+
+
+def rdf_mae(g_ref: np.ndarray, g_gen: np.ndarray, r: np.ndarray) -> float:
+    """RDF MAE = (1/r_cut) ∫_0^{r_cut} |ĝ(r) − g(r)| dr on a uniform histogram (bin centres ``r``, Å).
+
+    r_cut is the outer edge of the last bin; the integral is exact for histogrammed g(r).
+    """
+    a = np.asarray(g_ref, dtype=np.float64)
+    b = np.asarray(g_gen, dtype=np.float64)
+    rr = np.asarray(r, dtype=np.float64)
+    if a.shape != b.shape or a.shape != rr.shape or rr.size < 2:
+        raise InputError("g_ref, g_gen and r must be 1-D arrays of the same length (>= 2)")
+    dr = np.diff(rr)
+    if not np.allclose(dr, dr[0], rtol=1e-6):
+        raise InputError("rdf_mae needs uniformly spaced bins")
+    r_cut = rr[-1] + 0.5 * dr[0]
+    return float(np.sum(np.abs(b - a)) * dr[0] / r_cut)
+
+
+# --------------------------------------------------------------------------------------------
+# log-MSD metrics (Table 1)
+# --------------------------------------------------------------------------------------------
+
+def log_msd_metrics(ref: Sequence[float] | np.ndarray, gen: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """MAE of log10 MSD (MSD in Å²) and Spearman ρ between reference and generated values.
+
+    Pairs with a non-finite or non-positive value on either side are dropped (``n`` counts the
+    pairs used). ρ is NaN with fewer than 2 pairs or a constant side.
+    """
+    from scipy import stats
+
+    a = np.asarray(ref, dtype=np.float64)
+    b = np.asarray(gen, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise InputError("ref and gen must be 1-D arrays of equal length")
+    ok = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+    la, lb = np.log10(a[ok]), np.log10(b[ok])
+    mae = float(np.mean(np.abs(la - lb))) if ok.any() else math.nan
+    rho = math.nan
+    if ok.sum() >= 2 and np.ptp(la) > 0 and np.ptp(lb) > 0:
+        rho = float(stats.spearmanr(la, lb).statistic)
+    return {"mae": mae, "spearman": rho, "n": int(ok.sum())}

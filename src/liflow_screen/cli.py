@@ -1,0 +1,96 @@
+"""Command-line interface: ``liflow-screen <stage> ...``; Snakemake rules call these.
+
+Every stage takes ``--config`` (a YAML file validated against the single schema). A LiflowError
+(bad input, missing key, corrupt file) prints one ``error: ...`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import LiflowError
+
+log = logging.getLogger("liflow_screen")
+
+Handler = Callable[[argparse.Namespace, dict[str, Any]], None]
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
+
+
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None]) -> Callable[[Handler], Handler]:
+    """Register a subcommand: ``args`` adds its arguments, the decorated function runs it."""
+
+    def deco(fn: Handler) -> Handler:
+        _COMMANDS[name] = (help, args, fn)
+        return fn
+
+    return deco
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@command("validate-config", "validate a config file and print it with defaults filled", lambda p: None)
+def _validate(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _args_structures(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="manifest Parquet to write")
+
+
+@command("structures", "collect structures, build supercells, split by composition", _args_structures)
+def _structures(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import structures
+
+    structures.run(cfg, ns.out)
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liflow-screen", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"liflow-screen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for name, (help_, add_args, _) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML config (default: config.yaml)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        add_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # e3nn 0.4.4 under torch >= 2.6
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("matplotlib", "PIL", "urllib3", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from . import config
+
+    try:
+        cfg = config.load(ns.config)
+        _COMMANDS[ns.command][2](ns, cfg)
+    except LiflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Conditional flow-matching training of the LiFlow Propagator and Corrector (Eq. 11, Alg. A1/A2).
+
+Units: positions and displacements Å, temperature K, flow time t dimensionless in [0, 1].
+
+* **Propagator** (Alg. A1): D1 = X_{τ+Δτ} - X_τ (unwrapped), conditioning geometry X_τ.
+  Prior by ``variant``: ``adaptive`` (Eq. 10, per-graph small/large scales from the prior
+  selector's predictions ``li_slow`` / ``frame_slow`` with ``train.prior_li`` / ``train.prior_frame``),
+  ``uniform`` (Maxwell–Boltzmann with ``train.uniform_scale``), ``isotropic`` (``train.isotropic_scale``
+  Å for every atom). ``regressor`` is the non-generative ablation: the model evaluated at
+  D=0, t=0 regresses D1 directly (MSE).
+* **Corrector** (Alg. A2): conditioning X~ = X_{τ+Δτ} + D, D ~ N(0, σ'^2) per atom with
+  σ' ~ U(0, ``train.corrector_sigma_max``) per atom; D1 = -D; uniform Maxwell–Boltzmann prior
+  with scale ``train.corrector_prior_scale``.
+
+Flow matching on the linear path D_t = (1-t) D0 + t D1. The conditional target
+u_t = (D1 - D_t)/(1 - t) equals D1 - D0 exactly for this path, and we use the latter form: no
+division, so no clamping of t near 1 is needed and t ~ U(0, 1) is used as is.
+Loss: mean over atoms and Cartesian components of (v - u)^2 (Å^2 per unit flow time squared).
+
+Reproducibility: a numpy Generator draws the batches, a CPU ``torch.Generator`` draws flow times
+and all noise (so the same seed gives the same numbers on CPU and CUDA); both states go into
+``last.pt`` so a resumed run is bitwise the run that was never interrupted (on the same device).
+Validation uses ``val_batches`` batches drawn once, with fixed flow times and noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, InputError
+from ..io import atomic_path, config_digest, provenance, write_json_atomic
+from .graph import GraphBatch, make_batch
+from .painn import FlowModel
+from .priors import prior_sigma, sample_prior, select_scales
+
+KINDS = ("propagator", "corrector")
+PROPAGATOR_VARIANTS = ("adaptive", "uniform", "isotropic", "regressor")
+#: The Corrector always uses a uniform-scale Maxwell–Boltzmann prior; the variant names of the
+#: pipeline ("adaptive" = baseline P_adaptive + C) are accepted and recorded as such.
+CORRECTOR_VARIANTS = ("uniform", "adaptive")
+CKPT_FORMAT = "liflow-flow-checkpoint/1"
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Pair:
+    """One time-separated pair of frames of one (structure, temperature) trajectory.
+
+    x0 = X_τ and x1 = X_{τ+Δτ}, both unwrapped Cartesian Å, float32 (n, 3); cell rows a, b, c in Å;
+    li_slow / frame_slow are the prior selector's *predictions* for (structure, T).
+    """
+
+    id: str
+    numbers: np.ndarray
+    cell: np.ndarray
+    x0: np.ndarray
+    x1: np.ndarray
+    temperature: float
+    li_slow: bool
+    frame_slow: bool
+
+    def check(self) -> None:
+        """Raise InputError on inconsistent shapes or non-finite values."""
+        n = len(self.numbers)
+        if n == 0:
+            raise InputError(f"pair {self.id}: no atoms")
+        if np.shape(self.x0) != (n, 3) or np.shape(self.x1) != (n, 3):
+            raise InputError(f"pair {self.id}: x0/x1 must have shape ({n}, 3), got "
+                             f"{np.shape(self.x0)} and {np.shape(self.x1)}")
+        if np.shape(self.cell) != (3, 3):
+            raise InputError(f"pair {self.id}: cell must be (3, 3), got {np.shape(self.cell)}")
+        if not (np.all(np.isfinite(self.x0)) and np.all(np.isfinite(self.x1))):
+            raise InputError(f"pair {self.id}: non-finite positions")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"pair {self.id}: temperature must be > 0 K, got {self.temperature}")
+
+
+class PairSource(Protocol):
+    """Anything that draws training pairs; must be deterministic given ``rng``."""
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]: ...
+
+
+class ListPairSource:
+    """In-memory PairSource: draws pairs with replacement, optionally with sampling weights."""
+
+    def __init__(self, pairs: Sequence[Pair], weights: Sequence[float] | None = None) -> None:
+        if len(pairs) == 0:
+            raise InputError("ListPairSource: no pairs")
+        for p in pairs:
+            p.check()
+        self.pairs = list(pairs)
+        if weights is None:
+            self.p = None
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (len(pairs),) or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+                raise InputError("ListPairSource: weights must be finite, >= 0, one per pair, not all 0")
+            self.p = w / w.sum()
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]:
+        idx = rng.choice(len(self.pairs), size=batch_size, replace=True, p=self.p)
+        return [self.pairs[int(i)] for i in idx]
+
+
+# --------------------------------------------------------------------------- one batch
+@dataclass
+class FlowBatch:
+    """Everything one loss evaluation needs (CPU-built, then moved to the device)."""
+
+    g: GraphBatch      # conditioning geometry in g.pos (X_τ, or X~ for the Corrector)
+    d0: Tensor         # (N,3) prior sample, Å
+    d1: Tensor         # (N,3) target displacement, Å
+    t: Tensor          # (G,) flow time
+
+    def to(self, device: torch.device) -> "FlowBatch":
+        return FlowBatch(self.g.to(device), self.d0.to(device), self.d1.to(device), self.t.to(device))
+
+
+def _prior_settings(kind: str, variant: str, tcfg: dict[str, Any]) -> dict[str, Any]:
+    """The prior a model of (kind, variant) was trained with (stored in checkpoints for rollouts)."""
+    if kind == "corrector":
+        return {"kind": "uniform", "scale": float(tcfg["corrector_prior_scale"]),
+                "sigma_max": float(tcfg["corrector_sigma_max"])}
+    if variant == "adaptive":
+        return {"kind": "adaptive", "prior_li": [float(x) for x in tcfg["prior_li"]],
+                "prior_frame": [float(x) for x in tcfg["prior_frame"]]}
+    if variant == "uniform":
+        return {"kind": "uniform", "scale": float(tcfg["uniform_scale"])}
+    if variant == "isotropic":
+        return {"kind": "isotropic", "scale": float(tcfg["isotropic_scale"])}
+    return {"kind": "none"}  # regressor
+
+
+def prior_sigma_for(g: GraphBatch, prior: dict[str, Any], li_slow: Tensor, frame_slow: Tensor) -> Tensor:
+    """(N,) per-atom prior standard deviation (Å) for the stored ``prior`` settings.
+
+    li_slow / frame_slow: (G,) bool predictions of the prior selector (used by "adaptive" only).
+    """
+    kind = prior["kind"]
+    if kind == "adaptive":
+        li = select_scales(li_slow, tuple(prior["prior_li"]))
+        fr = select_scales(frame_slow, tuple(prior["prior_frame"]))
+        return prior_sigma(g, "adaptive", li_scale=li, frame_scale=fr)
+    if kind in ("uniform", "isotropic"):
+        return prior_sigma(g, kind, scale=prior["scale"])
+    raise ValueError(f"no prior for kind {kind!r}")
+
+
+def build_batch(pairs: Sequence[Pair], kind: str, prior: dict[str, Any], gen: torch.Generator) -> FlowBatch:
+    """Draw flow times and noise for ``pairs`` (on CPU, from ``gen``) and assemble a FlowBatch."""
+    for p in pairs:
+        p.check()
+    temps = [float(p.temperature) for p in pairs]
+    li_slow = torch.tensor([bool(p.li_slow) for p in pairs])
+    fr_slow = torch.tensor([bool(p.frame_slow) for p in pairs])
+    x1 = torch.as_tensor(np.concatenate([np.asarray(p.x1, np.float32) for p in pairs]))
+    if kind == "propagator":
+        g = make_batch([p.numbers for p in pairs], [p.x0 for p in pairs], [p.cell for p in pairs], temps)
+        d1 = x1 - g.pos
+    else:
+        g0 = make_batch([p.numbers for p in pairs], [p.x1 for p in pairs], [p.cell for p in pairs], temps)
+        n = g0.pos.shape[0]
+        sig = torch.rand(n, generator=gen) * float(prior["sigma_max"])            # σ' ~ U(0, σ_max), Å
+        noise = torch.randn(n, 3, generator=gen) * sig.unsqueeze(-1)                # D ~ N(0, σ'^2)
+        g = g0.with_pos(g0.pos + noise)                                             # X~ = X + D
+        d1 = -noise                                                                 # D1 = -D
+    t = torch.rand(g.n_graphs, generator=gen)
+    if prior["kind"] == "none":
+        d0 = torch.zeros_like(d1)
+    else:
+        sigma = prior_sigma_for(g, prior, li_slow, fr_slow)
+        d0 = sample_prior(sigma, generator=gen).to(d1.dtype)
+    return FlowBatch(g=g, d0=d0, d1=d1, t=t)
+
+
+def flow_loss(model: FlowModel, b: FlowBatch, regressor: bool = False) -> Tensor:
+    """CFM loss on one batch: mean of (v(D_t, t) - (D1 - D0))^2; regressor: mean (model(0, 0) - D1)^2."""
+    cond = model.condition(b.g)
+    if regressor:
+        pred = model(torch.zeros_like(b.d1), torch.zeros_like(b.t), b.g, cond)
+        return ((pred - b.d1) ** 2).mean()
+    tn = b.t[b.g.batch].unsqueeze(-1)
+    dt = (1.0 - tn) * b.d0 + tn * b.d1
+    v = model(dt, b.t, b.g, cond)
+    return ((v - (b.d1 - b.d0)) ** 2).mean()
+
+
+# --------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _seeds(seed: int, kind: str) -> tuple[int, int, int]:
+    """Independent seeds for (batch sampling, training noise, validation set) from the master seed."""
+    ss = np.random.SeedSequence([int(seed), KINDS.index(kind)])
+    a, b, c = ss.generate_state(3)
+    return int(a), int(b), int(c)
+
+
+def _model_from_cfg(tcfg: dict[str, Any], seed: int) -> FlowModel:
+    return FlowModel(features=int(tcfg["features"]), radial=int(tcfg["radial"]), layers=int(tcfg["layers"]),
+                     cutoff=float(tcfg["cutoff"]), offset=float(tcfg["offset"]), seed=int(seed))
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _cpu_state(model: FlowModel) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+
+
+def _optimizer_state_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    for st in opt.state.values():
+        for k, v in st.items():
+            if isinstance(v, Tensor) and k != "step":
+                st[k] = v.to(device)
+
+
+@torch.no_grad()
+def _validate(model: FlowModel, val: list[FlowBatch], regressor: bool) -> float:
+    model.eval()
+    losses = [float(flow_loss(model, b, regressor)) for b in val]
+    model.train()
+    return float(np.mean(losses))
+
+
+# --------------------------------------------------------------------------- training
+def train_flow(
+    kind: str,
+    variant: str,
+    cfg: dict[str, Any],
+    train_src: PairSource,
+    val_src: PairSource,
+    out_dir: Path,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a Propagator or Corrector; resume from ``out_dir/last.pt`` when it exists.
+
+    cfg: a validated full config (``config.validate``); uses ``cfg["train"]`` and ``cfg["seed"]``.
+    max_steps: overrides ``train.max_steps`` (total optimizer steps, counted across resumes).
+    Writes ``best.pt`` (lowest validation loss), ``last.pt`` (full training state, saved at every
+    validation and at the end) and ``history.json``, all atomically and with provenance.
+    Returns the summary dict (steps, best_val, best_step, wall_s, params, steps_per_s,
+    stopped_early, device, kind, variant).
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    allowed = PROPAGATOR_VARIANTS if kind == "propagator" else CORRECTOR_VARIANTS
+    if variant not in allowed:
+        raise ConfigError(f"unknown {kind} variant {variant!r} (expected one of {', '.join(allowed)})")
+    try:
+        tcfg = cfg["train"]
+        seed = int(cfg.get("seed", 0))
+        batch_size = int(tcfg["batch_size"])
+        total = int(max_steps if max_steps is not None else tcfg["max_steps"])
+        val_every, n_val, patience = int(tcfg["val_every"]), int(tcfg["val_batches"]), int(tcfg["patience"])
+        lr, clip = float(tcfg["lr"]), float(tcfg["grad_clip"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"config section train is incomplete or ill-typed ({exc}); "
+                          "pass a config from liflow_screen.config.validate") from exc
+    if total < 1:
+        raise ConfigError("max_steps must be >= 1")
+    regressor = variant == "regressor"
+    prior = _prior_settings(kind, variant, tcfg)
+    device = resolve_device(str(tcfg.get("device", "auto")))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_digest({"train": tcfg, "seed": seed})
+
+    s_batch, s_noise, s_val = _seeds(seed, kind)
+    # Fixed validation set: batches, flow times and noise drawn once from their own generators.
+    vrng = np.random.default_rng(s_val)
+    vgen = torch.Generator().manual_seed(s_val)
+    val = [build_batch(val_src.sample(batch_size, vrng), kind, prior, vgen).to(device) for _ in range(n_val)]
+
+    model = _model_from_cfg(tcfg, seed).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(s_batch)
+    gen = torch.Generator().manual_seed(s_noise)
+    step, best, best_step, since, stopped = 0, float("inf"), 0, 0, False
+    history: list[dict[str, Any]] = []
+    wall_prev = 0.0
+
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if last_path.is_file():
+        ck = _load_ckpt(last_path)
+        if ck.get("kind") != kind or ck.get("variant") != variant or ck.get("train_digest") != digest:
+            raise InputError(f"{last_path} belongs to a different run (kind/variant/train config); "
+                             "remove it or use another output directory")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        _optimizer_state_to(opt, device)
+        st = ck["state"]
+        step, best, best_step, since, stopped = (int(st["step"]), float(st["best"]), int(st["best_step"]),
+                                                 int(st["since"]), bool(st["stopped"]))
+        rng.bit_generator.state = json.loads(st["np_rng"])
+        gen.set_state(ck["torch_rng"])
+        history = list(st["history"])
+        wall_prev = float(st["wall_s"])
+
+    meta = {"kind": kind, "variant": variant, "prior": prior, "hparams": model.hparams,
+            "delta_tau_ps": float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan")))}
+
+    def write_last(wall: float) -> None:
+        _save({
+            "format": CKPT_FORMAT, **meta, "train_digest": digest,
+            "model": _cpu_state(model), "optimizer": opt.state_dict(),
+            "torch_rng": gen.get_state(),
+            "state": {"step": step, "best": best, "best_step": best_step, "since": since, "stopped": stopped,
+                      "np_rng": json.dumps(rng.bit_generator.state), "history": history, "wall_s": wall},
+            "provenance": provenance(cfg),
+        }, last_path)
+
+    def write_history(wall: float) -> None:
+        write_json_atomic(out_dir / "history.json", {
+            **meta, "history": history, "best_val": best, "best_step": best_step, "steps": step,
+            "stopped_early": stopped, "wall_s": wall, "provenance": provenance(cfg)})
+
+    t_start = time.perf_counter()
+    steps_start = step
+    model.train()
+    running: list[float] = []
+    bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc=f"{kind}/{variant}",
+               unit="step", dynamic_ncols=True)
+    try:
+        while step < total and not stopped:
+            b = build_batch(train_src.sample(batch_size, rng), kind, prior, gen).to(device)
+            loss = flow_loss(model, b, regressor)
+            if not torch.isfinite(loss):
+                raise InputError(f"{kind}/{variant}: non-finite training loss at step {step + 1} "
+                                 "(check the training pairs for huge displacements)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            step += 1
+            running.append(float(loss.detach()))
+            bar.update(1)
+            if step % val_every == 0 or step == total:
+                vloss = _validate(model, val, regressor)
+                improved = vloss < best
+                if improved:
+                    best, best_step, since = vloss, step, 0
+                    _save({"format": CKPT_FORMAT, **meta, "model": _cpu_state(model), "step": step,
+                           "val_loss": vloss, "provenance": provenance(cfg)}, best_path)
+                else:
+                    since += 1
+                    stopped = since >= patience
+                wall = wall_prev + time.perf_counter() - t_start
+                history.append({"step": step, "train_loss": float(np.mean(running)), "val_loss": vloss,
+                                "best_val": best, "wall_s": round(wall, 3)})
+                running = []
+                bar.set_postfix(train=f"{history[-1]['train_loss']:.4g}", val=f"{vloss:.4g}")
+                write_last(wall)
+                write_history(wall)
+    finally:
+        bar.close()
+    wall = wall_prev + time.perf_counter() - t_start
+    session = time.perf_counter() - t_start
+    return {
+        "kind": kind, "variant": variant, "steps": step, "best_val": best, "best_step": best_step,
+        "wall_s": wall, "params": model.n_parameters(),
+        "steps_per_s": (step - steps_start) / session if session > 0 and step > steps_start else float("nan"),
+        "stopped_early": stopped, "device": str(device),
+    }
+
+
+# --------------------------------------------------------------------------- loading
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"flow model checkpoint not found: {p}")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise InputError(f"cannot read flow model checkpoint {p}: {type(exc).__name__}") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise InputError(f"{p} is not a LiFlow flow-model checkpoint ({CKPT_FORMAT})")
+    return ck
+
+
+def flow_meta(path: str | Path) -> dict[str, Any]:
+    """kind, variant, prior settings, hparams, Δτ (ps) and provenance of a best.pt / last.pt file."""
+    ck = _load_ckpt(Path(path))
+    return {k: copy.deepcopy(ck.get(k)) for k in ("kind", "variant", "prior", "hparams", "delta_tau_ps",
+                                                   "provenance", "step", "val_loss")}
+
+
+def load_flow(path: str | Path, device: torch.device | str = "cpu") -> FlowModel:
+    """Rebuild a FlowModel from a checkpoint's hparams and weights, in eval mode.
+
+    The returned model carries ``model.liflow_meta`` (kind, variant, prior settings, Δτ).
+    """
+    ck = _load_ckpt(Path(path))
+    model = FlowModel(**ck["hparams"])
+    model.load_state_dict(ck["model"])
+    model.liflow_meta = {k: copy.deepcopy(ck.get(k)) for k in ("kind", "variant", "prior", "delta_tau_ps")}
+    return model.to(device).eval()

@@ -1,0 +1,192 @@
+"""Proposition 1 symmetries of the modified PaiNN flow model, and the priors (Eq. 10)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from liflow_screen.errors import ConfigError
+from liflow_screen.model.graph import GraphBatch, make_batch
+from liflow_screen.model.painn import FlowModel
+from liflow_screen.model.priors import KB, prior_sigma, sample_prior, select_scales
+
+SEEDS = [0, 1, 2]
+
+
+def random_crystal(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A triclinic cell (Å) with n atoms of Li/O/P/S at random fractional positions."""
+    cell = np.diag(rng.uniform(4.0, 6.0, 3)) + rng.uniform(-0.8, 0.8, (3, 3)) * (1 - np.eye(3))
+    numbers = rng.choice([3, 3, 3, 8, 15, 16], size=n)
+    numbers[0] = 3
+    pos = rng.uniform(0, 1, (n, 3)) @ cell
+    return numbers, pos, cell
+
+
+def two_graphs(seed: int) -> tuple[GraphBatch, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    c1, c2 = random_crystal(rng, 7), random_crystal(rng, 5)
+    g = make_batch([c1[0], c2[0]], [c1[1], c2[1]], [c1[2], c2[2]], [700.0, 1100.0])
+    d = torch.as_tensor(rng.normal(0, 0.4, (len(g.pos), 3)), dtype=torch.float32)
+    return g, d
+
+
+@pytest.fixture(scope="module")
+def model() -> FlowModel:
+    return FlowModel(features=32, radial=12, layers=2, seed=3).eval()
+
+
+def run(model: FlowModel, g: GraphBatch, d: torch.Tensor, t: float = 0.3) -> torch.Tensor:
+    with torch.no_grad():
+        return model(d, torch.full((g.n_graphs,), t), g)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+    err = (a - b).abs().max().item()
+    assert err <= 2e-4 * max(1.0, scale.abs().max().item()), err
+
+
+def test_default_size_and_nontrivial_output(model: FlowModel) -> None:
+    big = FlowModel()
+    assert big.hparams == dict(features=64, radial=20, layers=3, cutoff=5.0, offset=0.5, max_z=100, seed=0)
+    assert 150_000 < big.n_parameters() < 200_000  # paper: about 175 k
+    g, d = two_graphs(0)
+    out = run(model, g, d)
+    assert out.shape == d.shape and torch.isfinite(out).all()
+    assert out.abs().mean() > 1e-3
+    # output depends on D_t, t and on the conditioning geometry (so the tests below can fail)
+    assert (run(model, g, 1.5 * d) - out).abs().max() > 1e-3
+    assert (run(model, g, d, t=0.8) - out).abs().max() > 1e-3
+    assert (run(model, g.with_pos(g.pos + 0.3 * torch.randn_like(g.pos)), d) - out).abs().max() > 1e-3
+    # same seed, same weights and frequencies
+    again = FlowModel(features=32, radial=12, layers=2, seed=3)
+    for (k1, p1), (k2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k1 == k2 and torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_permutation_equivariance(model: FlowModel, seed: int) -> None:
+    g, d = two_graphs(seed)
+    out = run(model, g, d)
+    rng = np.random.default_rng(100 + seed)
+    ptr = g.ptr.tolist()
+    perm = torch.as_tensor(np.concatenate([lo + rng.permutation(hi - lo) for lo, hi in zip(ptr[:-1], ptr[1:])]))
+    gp = GraphBatch(numbers=g.numbers[perm], pos=g.pos[perm], cell=g.cell, batch=g.batch, ptr=g.ptr,
+                    temperature=g.temperature, masses=g.masses[perm])
+    assert_close(run(model, gp, d[perm]), out[perm], out)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rotation_reflection_equivariance(model: FlowModel, seed: int) -> None:
+    g, d = two_graphs(seed)
+    out = run(model, g, d)
+    q, _ = np.linalg.qr(np.random.default_rng(200 + seed).normal(size=(3, 3)))
+    for det in (1.0, -1.0):
+        r = q * (np.sign(np.linalg.det(q)) * det)  # proper rotation, then an improper one
+        assert np.isclose(np.linalg.det(r), det)
+        rt = torch.as_tensor(r, dtype=torch.float32)
+        gr = GraphBatch(numbers=g.numbers, pos=g.pos @ rt, cell=g.cell @ rt, batch=g.batch, ptr=g.ptr,
+                        temperature=g.temperature, masses=g.masses)
+        assert_close(run(model, gr, d @ rt), out @ rt, out)
+    # rotating X and L but not D is a different input: the output must change
+    gr = GraphBatch(numbers=g.numbers, pos=g.pos @ rt, cell=g.cell @ rt, batch=g.batch, ptr=g.ptr,
+                    temperature=g.temperature, masses=g.masses)
+    assert (run(model, gr, d) - out @ rt).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_translation_and_lattice_shift_invariance(model: FlowModel, seed: int) -> None:
+    g, d = two_graphs(seed)
+    out = run(model, g, d)
+    shift = torch.tensor([1.7, -3.2, 0.45])
+    assert_close(run(model, g.with_pos(g.pos + shift), d), out, out)
+    # move individual atoms by integer lattice vectors X + Z L (unwrapped images); D unchanged
+    z = torch.as_tensor(np.random.default_rng(300 + seed).integers(-2, 3, (len(g.pos), 3)), dtype=torch.float32)
+    imaged = g.pos + torch.einsum("nk,nkc->nc", z, g.cell[g.batch])
+    assert (imaged - g.pos).abs().max() > 1.0
+    assert_close(run(model, g.with_pos(imaged), d), out, out)
+
+
+@pytest.mark.parametrize("reps", [(2, 1, 1), (2, 2, 1)])
+def test_supercell_consistency(model: FlowModel, reps: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(7)
+    numbers, pos, cell = random_crystal(rng, 6)
+    d = rng.normal(0, 0.4, (6, 3))
+    g = make_batch([numbers], [pos], [cell], [900.0])
+    out = run(model, g, torch.as_tensor(d, dtype=torch.float32))
+    # supercell in ase.Atoms.repeat order: image (i, j, k) outermost, atoms innermost
+    images = [np.array([i, j, k]) @ cell for i in range(reps[0]) for j in range(reps[1]) for k in range(reps[2])]
+    n_img = len(images)
+    sc = make_batch([np.tile(numbers, n_img)], [np.concatenate([pos + o for o in images])],
+                    [np.diag(reps) @ cell], [900.0])
+    out_sc = run(model, sc, torch.as_tensor(np.tile(d, (n_img, 1)), dtype=torch.float32))
+    assert_close(out_sc, out.repeat(n_img, 1), out)
+
+
+def test_cached_conditioning_is_bit_identical(model: FlowModel) -> None:
+    g, d = two_graphs(1)
+    t = torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        cond = model.condition(g)
+        assert cond.n_edges > 0
+        a = model(d, t, g, cond)
+        b = model(d, t, g)
+        c = model(d, t, g, cond)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(ValueError):
+        FlowModel(features=32, radial=12, layers=2)(d, t, g, cond)
+
+
+def test_edge_vectors_match_minimum_image(model: FlowModel) -> None:
+    g, _ = two_graphs(2)
+    cond = model.condition(g)
+    i, j = cond.edge_index
+    assert torch.equal(g.batch[i], g.batch[j])
+    assert (cond.dist1 < 5.0).all()
+    vec = g.pos[j] - g.pos[i] + cond.shift
+    assert torch.allclose(vec, cond.vec1)
+    # shifts are integer combinations of the lattice vectors
+    frac = torch.linalg.solve(g.cell[g.batch[i]].transpose(1, 2), cond.shift.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(frac, frac.round(), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- priors
+def li_s_batch() -> GraphBatch:
+    numbers = [np.array([3, 16, 3]), np.array([8, 3])]
+    pos = [np.zeros((3, 3)), np.zeros((2, 3))]
+    cells = [np.eye(3) * 5, np.eye(3) * 6]
+    return make_batch(numbers, pos, cells, [800.0, 1200.0])
+
+
+def test_maxwell_boltzmann_sigma_by_hand() -> None:
+    g = li_s_batch()
+    li800 = math.sqrt(8.617333262e-5 * 800 / 6.94)    # 0.0996678 Å
+    s800 = math.sqrt(8.617333262e-5 * 800 / 32.06)
+    o1200 = math.sqrt(8.617333262e-5 * 1200 / 15.999)
+    li1200 = math.sqrt(8.617333262e-5 * 1200 / 6.94)
+    assert abs(li800 - 0.09967) < 1e-4 and KB == 8.617333262e-5
+    uni = prior_sigma(g, "uniform", scale=2.0)
+    np.testing.assert_allclose(uni.numpy(), 2 * np.array([li800, s800, li800, o1200, li1200]), rtol=1e-6)
+    iso = prior_sigma(g, "isotropic", scale=0.0316)
+    np.testing.assert_allclose(iso.numpy(), np.full(5, 0.0316), rtol=1e-7)
+    ada = prior_sigma(g, "adaptive", li_scale=torch.tensor([1.0, 10.0]), frame_scale=torch.tensor([3.0, 0.5]))
+    np.testing.assert_allclose(ada.numpy(), [li800, 3 * s800, li800, 0.5 * o1200, 10 * li1200], rtol=1e-6)
+    with pytest.raises(ConfigError):
+        prior_sigma(g, "adaptive", li_scale=torch.tensor([1.0]), frame_scale=torch.tensor([1.0]))
+    with pytest.raises(ConfigError):
+        prior_sigma(g, "gaussian")
+
+
+def test_select_scales_and_sampling() -> None:
+    s = select_scales(torch.tensor([True, False, True]), (1.0, 10.0))
+    assert s.tolist() == [1.0, 10.0, 1.0]
+    sigma = torch.tensor([0.1, 2.0]).repeat(20000)
+    gen = torch.Generator().manual_seed(5)
+    x = sample_prior(sigma, gen)
+    assert x.shape == (40000, 3)
+    std = x.reshape(20000, 2, 3).std(dim=(0, 2))
+    np.testing.assert_allclose(std.numpy(), [0.1, 2.0], rtol=0.02)
+    again = sample_prior(sigma, torch.Generator().manual_seed(5))
+    assert torch.equal(x, again)
