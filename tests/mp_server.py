@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlparse
 
 class FakeMP:
     def __init__(self, docs: list[dict[str, Any]], db_version: str = "2025.09.25", fail_first: int = 0,
-                 api_version: str = "0.84.0"):
+                 api_version: str = "0.87.0"):
         self.docs = docs
         self.db_version = db_version
         self.fail_first = fail_first

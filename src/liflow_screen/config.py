@@ -20,7 +20,7 @@ SCHEMA_RESOURCE = "config.schema.yaml"
 
 
 def schema() -> dict[str, Any]:
-    """The JSON schema (draft 7) of the configuration, as a dict."""
+    """The JSON schema (draft 2020-12) of the configuration, as a dict."""
     text = resources.files("liflow_screen.data").joinpath(SCHEMA_RESOURCE).read_text()
     return yaml.safe_load(text)
 
@@ -48,7 +48,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(config)
     sch = schema()
     _fill_defaults(cfg, sch)
-    validator = jsonschema.Draft7Validator(sch)
+    validator = jsonschema.Draft202012Validator(sch)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         err = errors[0]

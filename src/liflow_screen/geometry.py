@@ -7,9 +7,12 @@ Positions are never wrapped into the cell: trajectories are kept unwrapped every
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is only needed by the graph functions (the 'ml' extra)
+    import torch
 
 
 def perpendicular_widths(cell: np.ndarray) -> np.ndarray:
@@ -32,6 +35,8 @@ def supercell_repeats(cell: np.ndarray, min_width: float) -> tuple[int, int, int
 
 def center_of_mass(pos: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
     """Mass-weighted mean position per graph, Å. pos (N,3), masses (N,), batch (N,) -> (G,3)."""
+    import torch
+
     m = masses.to(pos.dtype).unsqueeze(-1)
     num = torch.zeros(n_graphs, 3, dtype=pos.dtype, device=pos.device).index_add_(0, batch, pos * m)
     den = torch.zeros(n_graphs, 1, dtype=pos.dtype, device=pos.device).index_add_(0, batch, m)
@@ -53,6 +58,7 @@ def radius_graph_pbc(
     ``pos[j] - pos[i] + shift``. Self-pairs are excluded unless they connect distinct images.
     Computed in float64 for a stable edge set; the shift makes it exact for unwrapped input.
     """
+    import torch
     from vesin.torch import NeighborList
 
     n_graphs = cell.shape[0]

@@ -94,9 +94,10 @@ class TwoGeometryInteraction(nn.Module):
 
     edge_chunk = 2048
 
-    def __init__(self, features: int, radial: int) -> None:
+    def __init__(self, features: int, radial: int, neighbor_norm: float = 1.0) -> None:
         super().__init__()
         self.features = features
+        self.norm = 1.0 / float(neighbor_norm)
         self.context = nn.Sequential(nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 4 * features))
         self.filter = nn.Linear(radial, 4 * features)
 
@@ -125,7 +126,7 @@ class TwoGeometryInteraction(nn.Module):
             msg.addcmul_(u[:, :, 1:2], fvs2.unsqueeze(1))
             ds.index_add_(0, i, fs)
             dv.index_add_(0, i, msg)
-        return s + ds, v + dv
+        return s + ds * self.norm, v + dv * self.norm
 
 
 class Mixing(nn.Module):

@@ -1,0 +1,236 @@
+"""Dataset stage: merge MD chunks into the Parquet trajectory dataset, compute labels, sample pairs.
+
+Layout of ``results/dataset/`` (all zstd Parquet, provenance in the metadata)::
+
+    structures.parquet                      relaxed supercells + descriptors (schema.STRUCTURES)
+    status.parquet                          one row per (structure, T) trajectory (schema.STATUS)
+    labels.parquet                          MSD/τ labels per trajectory (schema.LABELS)
+    frames/temperature=<K>/split=<s>/part-<chunk>.parquet   frames (schema.FRAMES)
+
+Units: Å, ps, K.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema
+from .errors import SchemaError
+from .io import provenance
+
+log = logging.getLogger(__name__)
+
+
+def md_chunk_dir(md_root: str | Path, chunk: int) -> Path:
+    """Directory holding the MD outputs of one chunk."""
+    return Path(md_root) / f"chunk_{int(chunk):05d}"
+
+
+def frames_file(chunk_dir: str | Path, temperature: float) -> Path:
+    """The frame table of one chunk at one temperature (K), MD or rollout."""
+    return Path(chunk_dir) / f"frames_T{int(round(temperature))}.parquet"
+
+
+def positions_array(table: pa.Table) -> np.ndarray:
+    """Flattened ``positions`` list column of a frames table -> (rows, n*3) float32 (one structure)."""
+    col = table.column("positions").combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy()
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise SchemaError("frames of one trajectory have different atom counts")
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(lengths), -1).astype(np.float32, copy=False)
+
+
+def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict[str, float]:
+    """MSD (Å²) at the last frame from frame 0 (Eq. 12) and MSD/τ (Å²/ps) for Li and frame atoms.
+
+    ``pos`` (F, n, 3) unwrapped Å; an empty group gives NaN.
+    """
+    if not np.isfinite(pos).all():
+        raise SchemaError("trajectory contains NaN or infinite positions")
+    disp = pos[-1].astype(np.float64) - pos[0].astype(np.float64)
+    sq = (disp**2).sum(axis=1)
+    tau = float(times_ps[-1] - times_ps[0])
+    out = {"duration_ps": tau}
+    for name, mask in (("li", is_li), ("frame", ~is_li)):
+        msd = float(sq[mask].mean()) if mask.any() else float("nan")
+        out[f"msd_{name}"] = msd
+        out[f"msd_{name}_per_ps"] = msd / tau if tau > 0 else float("nan")
+    return out
+
+
+def build(cfg: dict[str, Any], manifest_path: str | Path, md_root: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """Assemble the dataset from the MD chunk outputs listed by the manifest.
+
+    Built in ``<out_dir>.tmp`` and renamed into place, so a failure leaves no half-written dataset.
+    Returns counts (structures, trajectories, frames).
+    """
+    manifest = schema.read_df(manifest_path, "manifest", columns=["id", "split", "chunk", "run_md"])
+    split_of = dict(zip(manifest["id"], manifest["split"]))
+    temps = [float(t) for t in cfg["md"]["temperatures"]]
+    threshold = float(cfg["dataset"]["slow_threshold"])
+    zstd = int(cfg["dataset"]["zstd_level"])
+    prov = provenance(cfg, stage="dataset")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    structures, statuses, labels = [], [], []
+    n_frames = 0
+    for chunk in sorted(manifest["chunk"].unique()):
+        cdir = md_chunk_dir(md_root, chunk)
+        st = schema.read_df(cdir / "structures.parquet", "structures")
+        structures.append(st)
+        status = schema.read_df(cdir / "status.parquet", "status")
+        statuses.append(status)
+        numbers = {r.id: np.asarray(r.numbers) for r in st.itertuples()}
+        ok = status[status["status"] == "ok"]
+        for T in temps:
+            table = schema.read_table(frames_file(cdir, T), "frames")
+            if table.num_rows == 0:
+                continue
+            ok_ids = set(ok.loc[ok["temperature"] == int(round(T)), "id"])
+            for split in schema.SPLITS:
+                ids = [i for i in ok_ids if split_of.get(i) == split]
+                if not ids:
+                    continue
+                part = table.filter(pc.is_in(table.column("id"), pa.array(ids)))
+                dest = schema.frame_partition_path(tmp / "frames", T, split) / f"part-{int(chunk):05d}.parquet"
+                schema.write_table(part, dest, "frames", prov=prov, zstd_level=zstd)
+                n_frames += part.num_rows
+            for sid in sorted(ok_ids):
+                sub = table.filter(pc.equal(table.column("id"), sid)).sort_by("frame")
+                pos = positions_array(sub).reshape(sub.num_rows, -1, 3)
+                try:
+                    lab = msd_labels(pos, numbers[sid] == 3, sub.column("time_ps").to_numpy())
+                except SchemaError as exc:
+                    raise SchemaError(f"{frames_file(cdir, T)}: structure {sid} at {T:g} K: {exc}") from exc
+                labels.append({"id": sid, "temperature": int(round(T)), "split": split_of[sid], **lab,
+                               "slow_li": bool(lab["msd_li_per_ps"] < threshold),
+                               "slow_frame": bool(lab["msd_frame_per_ps"] < threshold)})
+    st_all = pd.concat(structures, ignore_index=True)
+    missing = set(manifest["id"]) - set(st_all["id"])
+    if missing:
+        raise SchemaError(f"MD outputs lack structures listed in the manifest: {', '.join(sorted(missing)[:5])}")
+    schema.write_rows(st_all, tmp / "structures.parquet", "structures", prov=prov, zstd_level=zstd)
+    schema.write_rows(pd.concat(statuses, ignore_index=True), tmp / "status.parquet", "status", prov=prov)
+    schema.write_rows(labels, tmp / "labels.parquet", "labels", prov=prov)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    counts = {"structures": len(st_all), "trajectories": len(labels), "frames": n_frames}
+    log.info("dataset %s: %s", out, counts)
+    return counts
+
+
+# ----------------------------------------------------------------------------------- pairs
+
+
+@dataclass
+class Trajectory:
+    """One reference trajectory held in memory (float32 positions, Å)."""
+
+    id: str
+    reduced_formula: str
+    temperature: float
+    numbers: np.ndarray   # (n,)
+    cell: np.ndarray      # (3,3)
+    positions: np.ndarray  # (F, n, 3)
+
+
+def load_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> list[Trajectory]:
+    """All 'ok' trajectories of the given splits, positions as float32 arrays in memory."""
+    root = Path(dataset_dir)
+    st = schema.read_df(root / "structures.parquet", "structures").set_index("id")
+    labels = schema.read_df(root / "labels.parquet", "labels")
+    splits = set(splits)
+    out: list[Trajectory] = []
+    for T in sorted(labels["temperature"].unique()):
+        for split in sorted(splits):
+            d = schema.frame_partition_path(root / "frames", T, split)
+            for f in sorted(d.glob("*.parquet")):
+                table = schema.read_table(f, "frames", columns=["id", "frame", "positions"])
+                ids = table.column("id").to_pylist()
+                for sid in sorted(set(ids)):
+                    sub = table.filter(pc.equal(table.column("id"), sid)).sort_by("frame")
+                    row = st.loc[sid]
+                    numbers = np.asarray(row["numbers"], dtype=np.int64)
+                    pos = positions_array(sub).reshape(sub.num_rows, len(numbers), 3)
+                    out.append(Trajectory(sid, row["reduced_formula"], float(T), numbers,
+                                          np.asarray(row["cell"], dtype=np.float64).reshape(3, 3), pos))
+    return out
+
+
+class ParquetPairSource:
+    """Samples (X_τ, X_τ+Δτ) pairs from dataset trajectories with composition-balanced weights.
+
+    A trajectory's weight is 1 / (number of structures of its reduced composition in the set),
+    split evenly over its temperatures, so each composition is drawn equally often (Appendix D.3).
+    The origin τ is uniform over saved frames with τ + Δτ inside the trajectory.
+    ``slow`` maps (id, T) to the prior selector's predictions (li_slow, frame_slow).
+    """
+
+    def __init__(self, trajectories: list[Trajectory], delta_frames: int,
+                 slow: dict[tuple[str, int], tuple[bool, bool]] | None = None):
+        self.trajs = [t for t in trajectories if t.positions.shape[0] > delta_frames]
+        if not self.trajs:
+            raise SchemaError(f"no trajectory is longer than Δτ ({delta_frames} saved frames)")
+        self.delta = int(delta_frames)
+        self.slow = slow or {}
+        per_comp: dict[str, set[str]] = {}
+        for t in self.trajs:
+            per_comp.setdefault(t.reduced_formula, set()).add(t.id)
+        per_struct: dict[str, int] = {}
+        for t in self.trajs:
+            per_struct[t.id] = per_struct.get(t.id, 0) + 1
+        w = np.array([1.0 / (len(per_comp[t.reduced_formula]) * per_struct[t.id]) for t in self.trajs])
+        self.weights = w / w.sum()
+
+    def __len__(self) -> int:
+        return sum(t.positions.shape[0] - self.delta for t in self.trajs)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> list[Any]:
+        """``batch_size`` pairs as ``model.train.Pair`` objects."""
+        from .model.train import Pair
+
+        idx = rng.choice(len(self.trajs), size=batch_size, p=self.weights)
+        pairs = []
+        for k in idx:
+            t = self.trajs[int(k)]
+            f0 = int(rng.integers(0, t.positions.shape[0] - self.delta))
+            li_slow, frame_slow = self.slow.get((t.id, int(round(t.temperature))), (False, False))
+            pairs.append(Pair(id=t.id, numbers=t.numbers, cell=t.cell, x0=t.positions[f0],
+                              x1=t.positions[f0 + self.delta], temperature=t.temperature,
+                              li_slow=bool(li_slow), frame_slow=bool(frame_slow)))
+        return pairs
+
+
+def delta_frames(cfg: dict[str, Any]) -> int:
+    """Δτ in saved-frame intervals (the config schema checks it is whole)."""
+    md = cfg["md"]
+    return int(round(cfg["dataset"]["delta_tau_ps"] / (md["timestep_fs"] * md["save_every"] / 1000.0)))
+
+
+def bytes_per_atom_frame(dataset_dir: str | Path) -> float:
+    """On-disk bytes of the frame files per stored atom-frame (raw float32 xyz is 12 bytes)."""
+    root = Path(dataset_dir) / "frames"
+    files = list(root.glob("temperature=*/split=*/*.parquet"))
+    size = sum(f.stat().st_size for f in files)
+    atoms = 0
+    for f in files:
+        t = pq.read_table(f, columns=["positions"])
+        atoms += int(pc.sum(pc.list_value_length(t.column("positions"))).as_py() or 0) // 3
+    return size / atoms if atoms else float("nan")

@@ -1,0 +1,213 @@
+"""Batched LiFlow rollout (Algorithm 1): shapes, CoM, divergence handling, batching, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from liflow_screen import schema
+from liflow_screen.errors import InputError
+from liflow_screen.geometry import center_of_mass
+from liflow_screen.model.graph import GraphBatch, make_batch
+from liflow_screen.model.painn import Conditioning, FlowModel
+from liflow_screen.model.priors import prior_sigma, sample_prior
+from liflow_screen.rollout import rollout, rollout_status_rows, rollout_to_rows, subset_batch
+
+SMALL = dict(features=16, radial=8, layers=2)
+
+
+class Counting(FlowModel):
+    """A FlowModel that counts condition() and forward() calls and records (d, t, cond)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.n_condition = 0
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+
+    def condition(self, g: GraphBatch) -> Conditioning:
+        self.n_condition += 1
+        return super().condition(g)
+
+    def forward(self, d, t, g, cond=None):  # type: ignore[override]
+        self.calls.append((d.clone(), torch.as_tensor(t).clone(), cond is not None))
+        return super().forward(d, t, g, cond)
+
+
+class Zero(FlowModel):
+    """Vector field identically zero: a step is then exactly the prior samples."""
+
+    def forward(self, d, t, g, cond=None):  # type: ignore[override]
+        return torch.zeros_like(d)
+
+
+class BlowUp(FlowModel):
+    """Returns ``value`` for atoms of graphs at ``bad_temperature`` K (identified by T, not index)."""
+
+    def __init__(self, bad_temperature: float, value: float, **kw) -> None:
+        super().__init__(**kw)
+        self.bad_temperature, self.value, self.n_condition = bad_temperature, value, 0
+
+    def condition(self, g: GraphBatch) -> Conditioning:
+        self.n_condition += 1
+        return super().condition(g)
+
+    def forward(self, d, t, g, cond=None):  # type: ignore[override]
+        out = super().forward(d, t, g, cond)
+        bad = (g.temperature[g.batch] == self.bad_temperature).unsqueeze(-1)
+        return torch.where(bad, torch.full_like(out, self.value), out)
+
+
+def crystals(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n, a in ((8, 4.2), (6, 3.9)):
+        cell = np.diag([a, a * 1.1, a * 0.95]) + 0.3 * rng.uniform(-1, 1, (3, 3)) * (1 - np.eye(3))
+        numbers = np.array([3, 3, 3, 16, 16, 15, 8, 3][:n])
+        out.append((numbers, rng.uniform(0, 1, (n, 3)) @ cell, cell))
+    return out
+
+
+def batch_of(cs, temps) -> GraphBatch:
+    return make_batch([c[0] for c in cs], [c[1] for c in cs], [c[2] for c in cs], temps)
+
+
+def gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_shapes_units_and_exact_prior_step() -> None:
+    """With zero vector fields a step is X + D_prop + D_corr minus the CoM shift, with prior widths in Å."""
+    g = batch_of(crystals(), [600.0, 1000.0])
+    sp = prior_sigma(g, "uniform", scale=1.0)
+    sc = prior_sigma(g, "isotropic", scale=0.05)
+    res = rollout(Zero(**SMALL), Zero(**SMALL), g, sp, sc, n_steps=3, n_flow=4, generator=gens(1, 2))
+    n = len(g.pos)
+    assert res.positions.shape == (4, n, 3) and res.positions.dtype == torch.float32
+    assert res.n_ok_steps.tolist() == [3, 3] and res.diverged.tolist() == [False, False]
+    assert res.reason == ["", ""]
+    assert torch.equal(res.positions[0], g.pos)
+    # replay the per-graph noise by hand: per step, propagator draw then corrector draw, per graph
+    ref = [gens(1)[0], gens(2)[0]]
+    x = g.pos.clone()
+    ptr = g.ptr.tolist()
+    for step in range(3):
+        new = []
+        for k in range(2):
+            lo, hi = ptr[k], ptr[k + 1]
+            xk = x[lo:hi] + sample_prior(sp[lo:hi], ref[k]) + sample_prior(sc[lo:hi], ref[k])
+            m = g.masses[lo:hi, None]
+            xk = xk - (m * xk).sum(0) / m.sum() + (m * x[lo:hi]).sum(0) / m.sum()
+            new.append(xk)
+        x = torch.cat(new)
+        np.testing.assert_allclose(res.positions[step + 1].numpy(), x.numpy(), atol=1e-5)
+    # mean-square step of Li at 1000 K ~ 3 (sigma_MB^2 + 0.05^2) Å^2 (loose: few atoms)
+    assert 0.0 < (res.positions[1] - res.positions[0]).abs().max() < 1.0
+
+
+def test_com_drift_removed() -> None:
+    g = batch_of(crystals(1), [800.0, 1200.0])
+    sp = prior_sigma(g, "uniform", scale=3.0)
+    res = rollout(FlowModel(**SMALL, seed=1), FlowModel(**SMALL, seed=2), g, sp,
+                  prior_sigma(g, "isotropic", scale=0.1), n_steps=4, n_flow=3, generator=torch.Generator().manual_seed(0))
+    com0 = center_of_mass(g.pos, g.masses, g.batch, 2)
+    moved = 0.0
+    for f in range(1, 5):
+        com = center_of_mass(res.positions[f], g.masses, g.batch, 2)
+        assert (com - com0).abs().max() < 1e-4
+        moved = max(moved, float((res.positions[f] - g.pos).abs().max()))
+    assert moved > 0.05  # atoms did move
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1.0e3])
+def test_divergent_graph_is_frozen_others_complete(value: float) -> None:
+    g = batch_of(crystals(2), [700.0, 1234.0])
+    model = BlowUp(1234.0, value, **SMALL)
+    sp = prior_sigma(g, "uniform")
+    res = rollout(model, None, g, sp, None, n_steps=3, n_flow=2, generator=gens(5, 6), retries=2)
+    assert res.diverged.tolist() == [False, True]
+    assert res.n_ok_steps.tolist() == [3, 0]
+    assert res.n_retries.tolist() == [0, 2]
+    assert "step 1" in res.reason[1] and ("non-finite" if value != value else "max displacement") in res.reason[1]
+    assert res.reason[0] == ""
+    # step 1: one batched attempt + 2 retries of graph 1 alone; steps 2, 3: graph 0 alone
+    assert model.n_condition == 3 + 2
+    lo = int(g.ptr[1])
+    for f in range(4):  # frozen graph keeps its last good frame (the initial one)
+        assert torch.equal(res.positions[f, lo:], g.pos[lo:])
+    assert torch.isfinite(res.positions).all()
+    assert (res.positions[3, :lo] != g.pos[:lo]).any()
+    assert res.trajectory(1).shape == (1, len(g.pos) - lo, 3) and res.trajectory(0).shape == (4, lo, 3)
+    # the good graph is unaffected by its diverging neighbour
+    alone = rollout(BlowUp(1234.0, value, **SMALL), None, subset_batch(g, [0])[0], sp[:lo], None,
+                    n_steps=3, n_flow=2, generator=gens(5))
+    np.testing.assert_allclose(alone.positions.numpy(), res.positions[:, :lo].numpy(), atol=1e-5)
+
+
+def test_batched_equals_single_with_same_noise() -> None:
+    cs = crystals(3)
+    temps = [650.0, 1100.0]
+    g = batch_of(cs, temps)
+    prop, corr = FlowModel(**SMALL, seed=4), FlowModel(**SMALL, seed=5)
+    sp, sc = prior_sigma(g, "uniform", scale=2.0), prior_sigma(g, "isotropic", scale=0.05)
+    both = rollout(prop, corr, g, sp, sc, n_steps=3, n_flow=3, generator=gens(11, 12))
+    lo = int(g.ptr[1])
+    for k, (sl, seed) in enumerate([(slice(0, lo), 11), (slice(lo, None), 12)]):
+        gk = batch_of([cs[k]], [temps[k]])
+        one = rollout(prop, corr, gk, sp[sl], sc[sl], n_steps=3, n_flow=3, generator=gens(seed))
+        np.testing.assert_allclose(one.positions.numpy(), both.positions[:, sl].numpy(), atol=2e-5)
+    # different noise gives a different trajectory (the comparison above can fail)
+    other = rollout(prop, corr, g, sp, sc, n_steps=3, n_flow=3, generator=gens(11, 13))
+    assert torch.equal(other.positions[:, :lo], both.positions[:, :lo])
+    assert (other.positions[1:, lo:] - both.positions[1:, lo:]).abs().max() > 1e-3
+
+
+def test_conditioning_built_once_per_step() -> None:
+    g = batch_of(crystals(4), [900.0, 900.0])
+    prop, corr = Counting(**SMALL, seed=1), Counting(**SMALL, seed=2)
+    sp, sc = prior_sigma(g, "uniform"), prior_sigma(g, "isotropic", scale=0.05)
+    rollout(prop, corr, g, sp, sc, n_steps=3, n_flow=5, generator=torch.Generator().manual_seed(1))
+    assert prop.n_condition == 3 and corr.n_condition == 3
+    assert len(prop.calls) == 15 and len(corr.calls) == 15
+    assert all(has_cond for _, _, has_cond in prop.calls + corr.calls)
+    assert [float(t[0]) for _, t, _ in prop.calls[:5]] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+
+
+def test_regressor_single_call_with_zero_input() -> None:
+    g = batch_of(crystals(5), [1000.0, 600.0])
+    prop = Counting(**SMALL, seed=3)
+    res = rollout(prop, None, g, prior_sigma(g, "uniform"), None, n_steps=2, n_flow=10,
+                  generator=torch.Generator().manual_seed(0), regressor=True)
+    assert len(prop.calls) == 2 and prop.n_condition == 2
+    for d, t, _ in prop.calls:
+        assert torch.equal(d, torch.zeros_like(d)) and torch.equal(t, torch.zeros_like(t))
+    with torch.no_grad():
+        step = FlowModel(**SMALL, seed=3)(torch.zeros_like(g.pos), torch.zeros(2), g)
+    x = g.pos + step
+    x = x - center_of_mass(x, g.masses, g.batch, 2)[g.batch] + center_of_mass(g.pos, g.masses, g.batch, 2)[g.batch]
+    np.testing.assert_allclose(res.positions[1].numpy(), x.numpy(), atol=1e-5)
+
+
+def test_rows_match_schema_and_bad_input() -> None:
+    g = batch_of(crystals(6), [700.0, 1234.0])
+    sp = prior_sigma(g, "uniform")
+    res = rollout(BlowUp(1234.0, float("nan"), **SMALL), None, g, sp, None, n_steps=2, n_flow=2,
+                  generator=gens(1, 2), retries=0)
+    rows = rollout_to_rows(res, ["a", "b"], [700.0, 1234.0], "liflow:adaptive", dt_ps=1.0)
+    assert [(r["id"], r["frame"]) for r in rows] == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
+    assert rows[2]["time_ps"] == 2.0 and rows[2]["positions"].shape == (8 * 3,)
+    np.testing.assert_array_equal(rows[2]["positions"], res.positions[2, :8].numpy().ravel())
+    table = schema.to_table(rows, "frames")
+    assert table.schema.equals(schema.FRAMES) and table.num_rows == 4
+    status = rollout_status_rows(res, ["a", "b"], [700.0, 1234.0], "liflow:adaptive", 1.0, split="test")
+    assert [s["status"] for s in status] == ["ok", "diverged"]
+    assert [s["n_frames"] for s in status] == [3, 1] and status[0]["duration_ps"] == 2.0
+    assert schema.to_table(status, "status").num_rows == 2
+    with pytest.raises(InputError):
+        rollout(FlowModel(**SMALL), None, g, sp[:3], None, n_steps=1, n_flow=1, generator=gens(1, 2))
+    with pytest.raises(InputError):
+        rollout(FlowModel(**SMALL), FlowModel(**SMALL), g, sp, None, n_steps=1, n_flow=1, generator=gens(1, 2))
+    with pytest.raises(InputError):
+        rollout(FlowModel(**SMALL), None, g, sp, None, n_steps=0, n_flow=1, generator=gens(1, 2))
+    with pytest.raises(InputError):
+        rollout(FlowModel(**SMALL), None, g, sp, None, n_steps=1, n_flow=1, generator=gens(1))

@@ -1,0 +1,39 @@
+# Helpers shared by the rules: chunk lists come from the manifest (a checkpoint), never from a
+# per-structure file list, so the DAG stays small at the 4,186-structure scale.
+import pyarrow.parquet as _pq
+
+
+def manifest_path():
+    return checkpoints.structures.get().output.manifest
+
+
+def md_chunks():
+    """MD chunk indices (manifest column `chunk`, md.chunk_size structures each)."""
+    col = _pq.read_table(manifest_path(), columns=["chunk"]).column("chunk").to_pylist()
+    return sorted(set(col))
+
+
+def rollout_chunks():
+    """Rollout chunk indices: manifest rows in blocks of rollout.chunk_size."""
+    n = _pq.ParquetFile(manifest_path()).metadata.num_rows
+    size = CFG["rollout"]["chunk_size"]
+    return list(range((n + size - 1) // size))
+
+
+def chunk_str(k):
+    return f"{int(k):05d}"
+
+
+def section(name):
+    """A config section as JSON: a param, so a change of it re-runs the rule (rerun-triggers)."""
+    return json.dumps(CFG[name], sort_keys=True)
+
+
+def _uses_corrector(variant):
+    return CFG["rollout"]["corrector"] and variant != "regressor"
+
+
+def _analysis_inputs(wildcards):
+    ref = [f"{R}/analysis/md/chunk_{chunk_str(k)}.parquet" for k in md_chunks()]
+    gen = [f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet" for v in VARIANTS for k in rollout_chunks()]
+    return ref + gen

@@ -1,0 +1,32 @@
+rule rollout:
+    input:
+        manifest=f"{R}/structures/manifest.parquet",
+        structures=f"{R}/dataset/structures.parquet",
+        selector=f"{R}/train/selector.pt",
+        propagator=f"{R}/train/propagator_{{variant}}/best.pt",
+        corrector=lambda w: [f"{R}/train/corrector/best.pt"] if _uses_corrector(w.variant) else [],
+    output:
+        status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
+        frames=expand(f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=ROLL_TEMPS),
+    params:
+        config=RUNCFG,
+        cfg=lambda w: section("rollout"),
+        dataset=lambda w, input: os.path.dirname(input.structures),
+        corrector=lambda w, input: f"--corrector {input.corrector}" if input.corrector else "",
+        out_dir=lambda w, output: os.path.dirname(output.status),
+    wildcard_constraints:
+        chunk=r"\d{5}",
+        variant="|".join(VARIANTS),
+    log:
+        "logs/rollout/{variant}/chunk_{chunk}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        runtime=240,
+        mem_mb=16000,
+        gpu=1,
+    shell:
+        "liflow-screen rollout --config {params.config} --manifest {input.manifest} --dataset {params.dataset} "
+        "--selector {input.selector} --propagator {input.propagator} {params.corrector} "
+        "--variant {wildcards.variant} --chunk {wildcards.chunk} --out-dir {params.out_dir} 2> {log}"
