@@ -477,7 +477,7 @@ def rdf(
     n_f, n_at = frames.shape[:2]
     edges = np.linspace(0.0, float(r_max), int(n_bins) + 1)
     hist = np.zeros(int(n_bins), dtype=np.float64)
-    cell_t = torch.as_tensor(c, dtype=torch.float64)
+    cell_t = torch.tensor(c, dtype=torch.float64)
     chunk = max(1, 20000 // n_at)
     for s in range(0, n_f, chunk):
         block = frames[s:s + chunk]

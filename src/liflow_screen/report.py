@@ -267,6 +267,8 @@ def compute_metrics(analysis_table: pd.DataFrame, status_table: pd.DataFrame | N
                 n_roll, n_ok = len(st), int((st["status"] == "ok").sum())
             else:
                 n_roll, n_ok = len(gen), int(gen["stable"].sum())
+            if gen.empty and n_roll == 0:
+                continue  # this variant was not rolled out at this temperature
             common = sorted(set(ref.index) & set(gen.index))
             li_r, li_g, fr_r, fr_g, rdf_err = [], [], [], [], []
             for sid in common:

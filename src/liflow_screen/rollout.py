@@ -95,6 +95,11 @@ def _integrate(model: FlowModel, g: GraphBatch, d0: Tensor, n_flow: int) -> Tens
     return d
 
 
+def _graph_any(flags: Tensor, g: GraphBatch) -> Tensor:
+    """(G,) bool: whether any atom of each graph has its flag (N,) set."""
+    return torch.zeros(g.n_graphs, dtype=torch.long, device=flags.device).index_add_(0, g.batch, flags.long()) > 0
+
+
 def _check_sigma(sigma: Tensor | None, n_atoms: int, name: str) -> None:
     if sigma is None:
         raise InputError(f"{name} is required")
@@ -177,7 +182,12 @@ def rollout(
         if corrector is not None:
             assert sigma_corr is not None
             dc0 = _draw(sigma_corr[atoms], ptr, sub_gens)
-            x_new = x_new + _integrate(corrector, sub.with_pos(x_new), dc0, n_flow)
+            # a graph already broken by the Propagator cannot be conditioned on (neighbour list of
+            # NaN / far-flung atoms): condition the Corrector on X_tau instead and keep it failed.
+            broken = _graph_any(~torch.isfinite(d).all(-1)
+                                | (torch.linalg.vector_norm(d, dim=-1) > max_step_displacement), sub)
+            x_cond = torch.where(broken[sub.batch].unsqueeze(-1), sub.pos, x_new)
+            x_new = x_new + _integrate(corrector, sub.with_pos(x_cond), dc0, n_flow)
         com_shift = (center_of_mass(sub.pos, sub.masses, sub.batch, sub.n_graphs)
                      - center_of_mass(x_new, sub.masses, sub.batch, sub.n_graphs))
         return x_new + com_shift[sub.batch], atoms, sub
@@ -199,8 +209,7 @@ def rollout(
                 disp = torch.nan_to_num(disp, nan=float("inf"))
                 max_disp = torch.full((sub.n_graphs,), 0.0, device=dev).scatter_reduce(
                     0, sub.batch, disp, reduce="amax", include_self=True).cpu()
-                finite = torch.zeros(sub.n_graphs, dtype=torch.long, device=dev).index_add_(
-                    0, sub.batch, (~torch.isfinite(x_new).all(-1)).long()).cpu() == 0
+                finite = ~_graph_any(~torch.isfinite(x_new).all(-1), sub).cpu()
                 ok = finite & (max_disp <= max_step_displacement)
                 ok_atoms = ok.to(dev)[sub.batch]
                 x[atoms[ok_atoms]] = x_new[ok_atoms]

@@ -19,7 +19,6 @@ rule md:
     resources:
         runtime=2880,
         mem_mb=16000,
-        gpu=1,
     shell:
         "liflow-screen md --config {params.config} --manifest {input.manifest} --chunk {wildcards.chunk} "
         "--out-dir {params.outdir} 2> {log}"

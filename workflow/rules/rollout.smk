@@ -25,7 +25,6 @@ rule rollout:
     resources:
         runtime=240,
         mem_mb=16000,
-        gpu=1,
     shell:
         "liflow-screen rollout --config {params.config} --manifest {input.manifest} --dataset {params.dataset} "
         "--selector {input.selector} --propagator {input.propagator} {params.corrector} "

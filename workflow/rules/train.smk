@@ -43,7 +43,6 @@ rule train_propagator:
     resources:
         runtime=240,
         mem_mb=32000,
-        gpu=1,
     shell:
         "liflow-screen train --config {params.config} --dataset {params.dataset} --selector {input.selector} "
         "--kind propagator --variant {wildcards.variant} --out-dir {params.out_dir} 2> {log}"
@@ -68,7 +67,6 @@ rule train_corrector:
     resources:
         runtime=240,
         mem_mb=32000,
-        gpu=1,
     shell:
         "liflow-screen train --config {params.config} --dataset {params.dataset} --kind corrector "
         "--variant corrector --out-dir {params.out_dir} 2> {log}"

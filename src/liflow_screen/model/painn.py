@@ -94,10 +94,10 @@ class TwoGeometryInteraction(nn.Module):
 
     edge_chunk = 2048
 
-    def __init__(self, features: int, radial: int, neighbor_norm: float = 1.0) -> None:
+    def __init__(self, features: int, radial: int, message_norm: float = 1.0) -> None:
         super().__init__()
         self.features = features
-        self.norm = 1.0 / float(neighbor_norm)
+        self.norm = 1.0 / float(message_norm)  # aggregated messages are divided by message_norm
         self.context = nn.Sequential(nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 4 * features))
         self.filter = nn.Linear(radial, 4 * features)
 
@@ -149,19 +149,18 @@ class Mixing(nn.Module):
 
 
 class GatedEquivariantReadout(nn.Module):
-    """Gated equivariant block (Schütt et al. 2021) mapping (s, v) to one vector per atom."""
+    """Gated equivariant block (Schütt et al. 2021) reduced to one output vector per atom:
+    v_out = (v W_1) * g(s, |v W_2|) with a scalar gate MLP g."""
 
-    def __init__(self, features: int, hidden: int) -> None:
+    def __init__(self, features: int) -> None:
         super().__init__()
-        self.vec_mix = nn.Linear(features, features + 1, bias=False)
-        self.scalar = nn.Sequential(nn.Linear(2 * features, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        self.features = features
+        self.vec_mix = nn.Linear(features, 2, bias=False)
+        self.gate = nn.Sequential(nn.Linear(features + 1, features + 1), nn.SiLU(), nn.Linear(features + 1, 1))
 
     def forward(self, s: Tensor, v: Tensor) -> Tensor:
-        vv, vw = torch.split(self.vec_mix(v), [self.features, 1], dim=-1)
-        vnorm = torch.sqrt((vv * vv).sum(dim=1) + _EPS)
-        gate = self.scalar(torch.cat([s, vnorm], dim=-1))  # (N,1)
-        return (vw.squeeze(-1) * gate)  # (N,3)
+        mixed = self.vec_mix(v)  # (N,3,2)
+        vnorm = torch.sqrt((mixed[..., 1] * mixed[..., 1]).sum(dim=1, keepdim=True) + _EPS)  # (N,1)
+        return mixed[..., 0] * self.gate(torch.cat([s, vnorm], dim=-1))  # (N,3)
 
 
 class FlowModel(nn.Module):
@@ -169,17 +168,20 @@ class FlowModel(nn.Module):
     5 Å cutoff, 0.5 Å offset). ``forward`` returns the per-atom vector field (N,3), Å per unit t.
 
     Parameters are initialised deterministically from ``seed`` (the global RNG is left untouched).
+    Aggregated messages are scaled by 1/sqrt(``avg_neighbors``); since messages are linear in the
+    filters this is only a reparametrisation of W (it keeps the untrained model's output bounded
+    for dense cells with ~50 neighbours within 5 Å).
     """
 
     def __init__(self, features: int = 64, radial: int = 20, layers: int = 3, cutoff: float = 5.0,
-                 offset: float = 0.5, max_z: int = 100, seed: int = 0) -> None:
+                 offset: float = 0.5, max_z: int = 100, seed: int = 0, avg_neighbors: float = 32.0) -> None:
         super().__init__()
         if features % 4:
             raise ValueError(f"features must be a multiple of 4, got {features}")
-        if cutoff <= 0 or offset < 0 or layers < 1 or radial < 1:
-            raise ValueError("cutoff > 0, offset >= 0, layers >= 1 and radial >= 1 are required")
+        if cutoff <= 0 or offset < 0 or layers < 1 or radial < 1 or avg_neighbors <= 0:
+            raise ValueError("cutoff > 0, offset >= 0, layers >= 1, radial >= 1, avg_neighbors > 0 are required")
         self.hparams: dict = dict(features=features, radial=radial, layers=layers, cutoff=float(cutoff),
-                                  offset=float(offset), max_z=max_z, seed=seed)
+                                  offset=float(offset), max_z=max_z, seed=seed, avg_neighbors=float(avg_neighbors))
         self.features, self.cutoff, self.max_z = features, float(cutoff), max_z
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
@@ -187,11 +189,13 @@ class FlowModel(nn.Module):
             self.embedding = nn.Embedding(max_z + 1, features)
             self.embed_T = SinusoidalEmbedding(features // 2, gen)
             self.embed_t = SinusoidalEmbedding(features // 2, gen)
-            self.vec_weight = nn.Parameter(torch.randn(features, generator=gen))
+            # w in D_t ⊗ w: small at init so the untrained field is O(0.01-0.1) for Å-sized D_t
+            self.vec_weight = nn.Parameter(0.1 * torch.randn(features, generator=gen))
             self.rbf = BesselRBF(radial, cutoff, offset)
-            self.interactions = nn.ModuleList([TwoGeometryInteraction(features, radial) for _ in range(layers)])
+            self.interactions = nn.ModuleList([TwoGeometryInteraction(features, radial, math.sqrt(avg_neighbors))
+                                               for _ in range(layers)])
             self.mixings = nn.ModuleList([Mixing(features) for _ in range(layers)])
-            self.readout = GatedEquivariantReadout(features, features // 2)
+            self.readout = GatedEquivariantReadout(features)
 
     # ------------------------------------------------------------------ conditioning
     def condition(self, g: GraphBatch) -> Conditioning:
