@@ -54,6 +54,35 @@ def _structures(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     structures.run(cfg, ns.out)
 
 
+def _args_md(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--chunk", required=True, type=int, help="manifest chunk index")
+    p.add_argument("--out-dir", required=True, type=Path)
+
+
+@command("md", "relax, describe and run reference MD for one manifest chunk", _args_md)
+def _md(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import md, schema
+
+    manifest = schema.read_df(ns.manifest, "manifest")
+    if ns.chunk not in set(manifest["chunk"]):
+        raise LiflowError(f"chunk {ns.chunk} is not in {ns.manifest} (chunks 0..{int(manifest['chunk'].max())})")
+    md.run_chunk(cfg, manifest, ns.chunk, ns.out_dir, progress=True)
+
+
+def _args_dataset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--md-root", required=True, type=Path, help="folder with chunk_NNNNN/ MD outputs")
+    p.add_argument("--out-dir", required=True, type=Path)
+
+
+@command("dataset", "merge MD chunks into the Parquet trajectory dataset with labels", _args_dataset)
+def _dataset(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import dataset
+
+    dataset.build(cfg, ns.manifest, ns.md_root, ns.out_dir)
+
+
 # ----------------------------------------------------------------------------- plumbing
 
 

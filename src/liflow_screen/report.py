@@ -95,6 +95,10 @@ def read_analysis(paths: pd.DataFrame | str | os.PathLike[str] | Sequence[str | 
     missing = [c for c in ANALYSIS_COLUMNS if c not in df.columns]
     if missing:
         raise SchemaError(f"analysis table is missing columns: {', '.join(missing)}")
+    dup = df.duplicated(["id", "temperature", "source"])
+    if dup.any():
+        r = df[dup].iloc[0]
+        raise InputError(f"analysis tables overlap: {r['id']} at {r['temperature']} K ({r['source']}) appears twice")
     return df
 
 
@@ -458,9 +462,10 @@ def parity_plots(analysis_table: pd.DataFrame, out_dir: Path, prov: dict[str, An
             ax.set_title(f"{label}, {T} K")
             if any_pts:
                 ax.legend(fontsize=8, loc="upper left")
-        if not any_pts:
-            fig.text(0.5, 0.5, f"no {'/'.join(metric_splits)} structures with reference MD at {T} K",
-                     ha="center", va="center", fontsize=11, color="0.3")
+            else:
+                ax.text(0.5, 0.5, f"no {'/'.join(metric_splits)} structures\nwith reference MD at {T} K",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=10, color="0.3",
+                        bbox={"facecolor": "white", "edgecolor": "0.7"})
         fig.tight_layout()
         path = out_dir / "parity" / f"parity_{T}K.png"
         _savefig(fig, path, prov)
@@ -482,9 +487,8 @@ def arrhenius_plots(ranking: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]]
     for r in ranking.head(int(top_n)).itertuples(index=False):
         fit = fits[r.id]
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
-        for src, marker, color in ((r.source, "o", "C0"), (MD_SOURCE, "s", "C3")):
-            if src == MD_SOURCE and r.source == MD_SOURCE and marker == "s":
-                continue
+        sources = [(r.source, "o", "C0")] + ([(MD_SOURCE, "s", "C3")] if r.source != MD_SOURCE else [])
+        for src, marker, color in sources:
             g = df[(df["id"] == r.id) & (df["source"] == src)].sort_values("temperature")
             g = g[np.isfinite(g["D_li"].astype(float)) & (g["D_li"].astype(float) > 0)]
             if g.empty:

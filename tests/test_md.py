@@ -1,0 +1,203 @@
+"""Reference MD stage: units, unwrapping, resume after kill, failure isolation, batched == one-by-one."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.io import write
+
+from liflow_screen import config, md, schema
+from liflow_screen import potentials as P
+from liflow_screen.geometry import mic_displacements
+
+
+class Killed(BaseException):
+    """Simulates the job being killed (not an Exception: nothing may swallow it)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> P.Potential:
+    path = P.save_mace_model(P.build_random_mace("tiny", seed=1), tmp_path_factory.mktemp("m") / "tiny.model")
+    return P.load_potential({"potential": "mace-file", "model_path": str(path)})
+
+
+def li2o() -> Atoms:
+    return bulk("Li2O", "fluorite", a=4.62, cubic=True)
+
+
+def cif_of(atoms: Atoms) -> str:
+    buf = io.BytesIO()
+    write(buf, atoms, format="cif")
+    return buf.getvalue().decode()
+
+
+def row(sid: str, atoms: Atoms, rep=(1, 1, 1), run_md: bool = True, split: str = "train", chunk: int = 0) -> dict:
+    return dict(id=sid, reduced_formula=atoms.get_chemical_formula("hill", empirical=True), cif=cif_of(atoms),
+                supercell=list(rep), split=split, chunk=chunk, run_md=run_md)
+
+
+def cfg_of(**md_over) -> dict:
+    mdc = {"potential": "mace-file", "model_path": "unused", "temperatures": [600], "timestep_fs": 2.0,
+           "duration_ps": 0.08, "save_every": 4, "relax_steps": 0, "relax_cell": False, "checkpoint_every": 2}
+    mdc.update(md_over)
+    frame_ps = mdc["timestep_fs"] * mdc["save_every"] / 1000
+    return config.validate({"seed": 3, "md": mdc, "dataset": {"delta_tau_ps": frame_ps}})
+
+
+def test_build_supercell():
+    atoms = md.build_supercell(pd.Series(row("a", li2o(), rep=(2, 1, 3))))
+    assert len(atoms) == 12 * 6 and atoms.pbc.all()
+    np.testing.assert_allclose(atoms.cell.lengths(), [9.24, 4.62, 13.86], atol=1e-6)
+    assert (atoms.numbers == 3).sum() == 8 * 6
+    with pytest.raises(md.InputError, match="unreadable CIF"):
+        md.build_supercell(pd.Series(dict(id="bad", cif="data_x\n_cell_length_a 1\n", supercell=[1, 1, 1])))
+
+
+def test_relax_lowers_energy_and_reports_failure(tiny):
+    a = li2o().repeat((2, 1, 1))
+    a.rattle(0.15, seed=4)
+    a.calc = tiny.calculator
+    e0 = a.get_potential_energy()
+    out, status = md.relax(a, tiny, fmax=1e-4, steps=30, cell=True)
+    assert status in ("ok", "not_converged")
+    assert out.get_potential_energy() < e0
+    bad = a.copy()
+    bad.numbers[0] = 92  # uranium: outside the tiny model's 89 elements
+    out_bad, status_bad = md.relax(bad, tiny, 0.05, 5, True)
+    assert status_bad.startswith("failed: ") and "\n" not in status_bad
+    np.testing.assert_array_equal(out_bad.positions, bad.positions)
+
+
+def test_chunk_outputs_units_and_temperature(tiny, tmp_path):
+    cfg = cfg_of(temperatures=[600, 900], duration_ps=0.6, save_every=10, timestep_fs=2.0, relax_steps=3)
+    man = pd.DataFrame([row("md-1", li2o(), rep=(2, 2, 1)), row("nomd", li2o(), run_md=False, split="test"),
+                        row("other-chunk", li2o(), chunk=1)])
+    paths = md.run_chunk(cfg, man, 0, tmp_path, potential=tiny, progress=False)
+    assert not (tmp_path / "ckpt").exists()
+    st = schema.read_df(paths["structures"], "structures")
+    assert sorted(st.id) == ["md-1", "nomd"]  # descriptors for all rows of the chunk, MD or not
+    assert all(len(d) == 8 and np.isfinite(d).all() for d in st.desc_li)
+    assert st.set_index("id").loc["md-1", "n_li"] == 32
+    status = schema.read_df(paths["status"], "status")
+    assert sorted(zip(status.id, status.temperature, status.status)) == [("md-1", 600, "ok"), ("md-1", 900, "ok")]
+    for temp in (600, 900):
+        fr = schema.read_df(tmp_path / f"frames_T{temp}.parquet", "frames").sort_values("frame")
+        assert fr.frame.tolist() == list(range(31))
+        # time spacing = save_every * timestep / 1000 ps
+        np.testing.assert_allclose(np.diff(fr.time_ps), 10 * 2.0 / 1000, rtol=1e-5)
+        pos = np.stack(fr.positions.to_numpy()).reshape(31, 48, 3)
+        assert pos.dtype == np.float32
+        # frame 0 is the relaxed structure stored in structures.parquet
+        relaxed = np.asarray(st.set_index("id").loc["md-1", "positions"]).reshape(48, 3)
+        np.testing.assert_allclose(pos[0], relaxed, atol=1e-5)
+        # instantaneous T from the saved frames' kinetic energy is near the target on average
+        t_mean = fr.temperature_inst.iloc[5:].mean()
+        assert 0.6 * temp < t_mean < 1.5 * temp, t_mean
+        assert np.isfinite(fr.energy).all()
+
+
+def test_trajectory_is_unwrapped(tiny):
+    a = li2o().repeat((2, 2, 1))
+    a.positions -= a.positions[0]  # atoms sit on the x=0, y=0, z=0 faces: half leave the cell
+    settings = md.MDSettings(timestep_fs=2.0, duration_ps=0.2, save_every=5, seed=1)
+    res = md.run_trajectory("unwrap", a, 1200.0, settings, P.EnergyForcesCalculator(tiny))
+    assert res.status == "ok" and res.n_frames == 21
+    frac = res.positions.astype(np.float64) @ np.linalg.inv(a.cell.array)
+    assert (frac < 0).any()  # atoms crossed a face and were NOT wrapped back
+    steps = np.diff(res.positions.astype(np.float64), axis=0)
+    # every frame-to-frame displacement is already the minimum-image one: no wrap jumps
+    np.testing.assert_allclose(steps, mic_displacements(steps, a.cell.array), atol=1e-5)
+    # and the total displacement is continuous with the sum of the steps
+    np.testing.assert_allclose(res.positions[-1] - res.positions[0], steps.sum(0), atol=1e-4)
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
+    cfg = cfg_of(temperatures=[700], duration_ps=0.08, save_every=4, checkpoint_every=2)
+    man = pd.DataFrame([row("r1", li2o()), row("r2", li2o().repeat((1, 1, 2)))])
+    ref_paths = md.run_chunk(cfg, man, 0, tmp_path / "ref", potential=tiny, progress=False)
+    ref = schema.read_df(ref_paths["frames_T700"], "frames")
+
+    def kill_at_5(sid, temp, frame):
+        if sid == "r2" and frame == 5:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        md.run_chunk(cfg, man, 0, out, potential=tiny, progress=False, frame_callback=kill_at_5)
+    assert not (out / "frames_T700.parquet").exists()  # nothing half-written
+    assert len(list((out / "ckpt").glob("md_*.pkl"))) == 2  # r1 finished, r2 at its frame-4 checkpoint
+
+    seen: dict[str, list[int]] = {"r1": [], "r2": []}
+    paths = md.run_chunk(cfg, man, 0, out, potential=tiny, progress=False,
+                         frame_callback=lambda sid, t, f: seen[sid].append(f))
+    assert seen["r1"] == [] and seen["r2"] == list(range(5, 11))  # resumed, not restarted
+    got = schema.read_df(paths["frames_T700"], "frames")
+    key = ["id", "frame"]
+    ref, got = ref.sort_values(key).reset_index(drop=True), got.sort_values(key).reset_index(drop=True)
+    assert len(got) == len(ref) == 22
+    np.testing.assert_array_equal(np.stack(got.positions), np.stack(ref.positions))
+    np.testing.assert_array_equal(got.energy, ref.energy)
+    assert not (out / "ckpt").exists()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_failure_isolation(tiny, tmp_path, batch_size):
+    crushed = li2o()
+    crushed.positions[1] = crushed.positions[0] + [0.2, 0.0, 0.0]  # Li on top of O: ZBL blows it apart
+    uranium = li2o()
+    uranium.numbers[0] = 92  # not in the tiny model: relaxation fails
+    cfg = cfg_of(batch_size=batch_size, temperatures=[600], duration_ps=0.04)
+    man = pd.DataFrame([row("good", li2o()), row("crushed", crushed), row("uranium", uranium),
+                        row("good2", li2o().repeat((2, 1, 1)))])
+    paths = md.run_chunk(cfg, man, 0, tmp_path, potential=tiny, progress=False)
+    status = schema.read_df(paths["status"], "status").set_index("id")
+    assert status.loc["good", "status"] == "ok" and status.loc["good2", "status"] == "ok"
+    assert status.loc["crushed", "status"] in ("exploded", "nan"), status.loc["crushed", "reason"]
+    assert status.loc["uranium", "status"] == "relax_failed"
+    assert status.loc["good", "n_frames"] == 6
+    frames = schema.read_df(paths["frames_T600"], "frames")
+    assert sorted(set(frames.id)) == ["good", "good2"]
+    st = schema.read_df(paths["structures"], "structures").set_index("id")
+    assert st.loc["uranium", "relax_status"].startswith("failed")
+
+
+def test_batched_equals_one_by_one(tiny):
+    settings = md.MDSettings(timestep_fs=2.0, duration_ps=0.04, save_every=4, seed=5)
+    jobs = [md.MDJob("a", li2o(), 600.0), md.MDJob("b", li2o().repeat((2, 1, 1)), 600.0),
+            md.MDJob("a", li2o(), 1000.0)]
+    calls: list[int] = []
+    inner = tiny.energies_forces
+
+    def counting(atoms_list):
+        calls.append(len(atoms_list))
+        return inner(atoms_list)
+
+    tiny.energies_forces = counting  # instance attribute: counts model calls, computes the same
+    try:
+        serial = md.run_trajectories(jobs, tiny, settings, batch_size=1)
+        n_serial = len(calls)
+        calls.clear()
+        batched = md.run_trajectories(jobs, tiny, settings, batch_size=3)
+    finally:
+        del tiny.energies_forces
+    n_steps = 5 * 4
+    assert n_serial == 3 * (n_steps + 1) and all(c == 1 for c in calls[:0])
+    assert calls == [3] * (n_steps + 1)  # one model call per MD step for the whole group
+    for s, b in zip(serial, batched):
+        assert s.status == b.status == "ok"
+        np.testing.assert_allclose(b.positions, s.positions, atol=2e-5)
+        np.testing.assert_allclose(b.energies, s.energies, rtol=1e-4, atol=1e-6)
+
+
+def test_chgnet_short_md():
+    pot = P.load_potential({"potential": "chgnet"})
+    settings = md.MDSettings(timestep_fs=1.0, duration_ps=0.004, save_every=2, seed=0)
+    res = md.run_trajectory("li2o", li2o(), 800.0, settings, P.EnergyForcesCalculator(pot))
+    assert res.status == "ok" and res.n_frames == 3
+    assert np.all(res.energies / 12 < -3.0) and np.ptp(res.energies) < 1.0
