@@ -44,18 +44,21 @@ def run(model: FlowModel, g: GraphBatch, d: torch.Tensor, t: float = 0.3) -> tor
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+    """float32 agreement relative to the output magnitude."""
     err = (a - b).abs().max().item()
-    assert err <= 2e-4 * max(1.0, scale.abs().max().item()), err
+    assert err <= 1e-4 * scale.abs().max().item() + 1e-7, err
 
 
 def test_default_size_and_nontrivial_output(model: FlowModel) -> None:
     big = FlowModel()
-    assert big.hparams == dict(features=64, radial=20, layers=3, cutoff=5.0, offset=0.5, max_z=100, seed=0)
-    assert 150_000 < big.n_parameters() < 200_000  # paper: about 175 k
+    assert big.hparams == dict(features=64, radial=20, layers=3, cutoff=5.0, offset=0.5, max_z=100, seed=0,
+                              avg_neighbors=32.0)
+    assert 170_000 < big.n_parameters() < 180_000  # paper: about 175 k (this: 176,324)
+    assert FlowModel(**big.hparams).n_parameters() == big.n_parameters()
     g, d = two_graphs(0)
     out = run(model, g, d)
     assert out.shape == d.shape and torch.isfinite(out).all()
-    assert out.abs().mean() > 1e-3
+    assert out.abs().mean() > 1e-3  # untrained default-init field is O(0.01) here
     # output depends on D_t, t and on the conditioning geometry (so the tests below can fail)
     assert (run(model, g, 1.5 * d) - out).abs().max() > 1e-3
     assert (run(model, g, d, t=0.8) - out).abs().max() > 1e-3

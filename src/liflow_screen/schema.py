@@ -138,13 +138,24 @@ def write_rows(rows: pd.DataFrame | list[dict[str, Any]], path: str | Path, kind
     write_table(to_table(rows, kind), path, kind, prov, zstd_level)
 
 
+def _normalise(t: pa.DataType) -> pa.DataType:
+    """Treat large_string / large_list like string / list (pandas may write either)."""
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_large_list(t) or pa.types.is_list(t):
+        return pa.list_(_normalise(t.value_type))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_normalise(t.value_type), t.list_size)
+    return t
+
+
 def _check(schema: pa.Schema, kind: str, path: Path) -> None:
     expected = SCHEMAS[kind]
     for f in expected:
         if f.name not in schema.names:
             raise SchemaError(f"{path}: not a {kind} table (column {f.name!r} missing)")
         got = schema.field(f.name).type
-        if not got.equals(f.type):
+        if not _normalise(got).equals(_normalise(f.type)):
             raise SchemaError(f"{path}: column {f.name!r} has type {got}, expected {f.type}")
 
 
@@ -156,7 +167,9 @@ def read_table(path: str | Path, kind: str, columns: list[str] | None = None) ->
     try:
         pf = pq.ParquetFile(p)
         _check(pf.schema_arrow, kind, p)
-        return pf.read(columns=columns)
+        table = pf.read(columns=columns)
+        target = pa.schema([SCHEMAS[kind].field(n) for n in table.column_names if n in SCHEMAS[kind].names])
+        return table.select(target.names).cast(target)
     except SchemaError:
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files

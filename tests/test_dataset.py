@@ -1,0 +1,153 @@
+"""Dataset stage: partitioned layout, MSD labels vs an independent computation, schema errors, pairs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from liflow_screen import config, dataset, schema
+from liflow_screen.cli import main
+from liflow_screen.errors import SchemaError
+
+TEMPS = [600, 1000]
+
+
+def _cfg():
+    return config.validate({"md": {"temperatures": TEMPS, "timestep_fs": 2.0, "save_every": 10, "duration_ps": 2.0}})
+
+
+def _fake_md(root: Path, specs, n_frames=101, seed=0, nan_in=None):
+    """Write MD chunk outputs for structures (id, formula, split, n_li, n_frame, chunk) with random walks.
+
+    Li atoms step with σ=0.05 Å per frame, frame atoms with σ=0.005 Å; returns the positions used.
+    """
+    rng = np.random.default_rng(seed)
+    man, truth = [], {}
+    by_chunk: dict[int, list] = {}
+    for sid, formula, split, n_li, n_fr, chunk in specs:
+        by_chunk.setdefault(chunk, []).append((sid, formula, split, n_li, n_fr))
+        man.append({"id": sid, "split": split, "chunk": chunk, "run_md": True})
+    for chunk, items in by_chunk.items():
+        cdir = dataset.md_chunk_dir(root, chunk)
+        srows, status, frames = [], [], {T: [] for T in TEMPS}
+        for sid, formula, split, n_li, n_fr in items:
+            n = n_li + n_fr
+            numbers = np.array([3] * n_li + [8] * n_fr)
+            cell = np.eye(3) * 6.0
+            x0 = rng.uniform(0, 6, size=(n, 3))
+            srows.append({"id": sid, "reduced_formula": formula, "split": split, "numbers": numbers.tolist(),
+                          "cell": cell.reshape(-1).tolist(), "positions": x0.reshape(-1).tolist(), "n_atoms": n,
+                          "n_li": n_li, "desc_li": [0.1, 0.2], "desc_frame": [0.3, 0.4], "energy": -1.0,
+                          "relax_status": "ok"})
+            for T in TEMPS:
+                sig = np.where(numbers == 3, 0.05, 0.005)[None, :, None] * np.sqrt(T / 600)
+                steps = rng.normal(size=(n_frames - 1, n, 3)) * sig
+                pos = np.concatenate([x0[None], x0[None] + np.cumsum(steps, axis=0)]).astype(np.float32)
+                if nan_in == (sid, T):
+                    pos[50, 0, 0] = np.nan
+                truth[(sid, T)] = pos
+                for f in range(n_frames):
+                    frames[T].append({"id": sid, "source": "md", "frame": f, "time_ps": np.float32(f * 0.02),
+                                      "positions": pos[f].reshape(-1), "energy": -1.0,
+                                      "temperature_inst": np.float32(T)})
+                status.append({"id": sid, "temperature": T, "split": split, "source": "md", "status": "ok",
+                               "reason": "", "n_frames": n_frames, "duration_ps": 2.0, "wall_s": 1.0})
+        schema.write_rows(srows, cdir / "structures.parquet", "structures")
+        schema.write_rows(status, cdir / "status.parquet", "status")
+        for T in TEMPS:
+            schema.write_rows(frames[T], dataset.frames_file(cdir, T), "frames")
+    mrows = []
+    for r in man:
+        mrows.append({"id": r["id"], "formula": "x", "reduced_formula": "x", "n_atoms": 1, "li_fraction": 0.5,
+                      "band_gap": None, "e_above_hull": None, "source": "test", "cif": "", "supercell": [1, 1, 1],
+                      "n_atoms_supercell": 1, "min_width": 6.0, "split": r["split"], "chunk": r["chunk"],
+                      "run_md": r["run_md"]})
+    schema.write_rows(mrows, root / "manifest.parquet", "manifest")
+    return truth
+
+
+SPECS = [("a1", "LiA", "train", 4, 4, 0), ("a2", "LiA", "train", 4, 4, 0), ("b1", "LiB", "train", 2, 6, 1),
+         ("c1", "LiC", "test", 3, 5, 1)]
+
+
+def test_build_layout_labels_and_provenance(tmp_path):
+    truth = _fake_md(tmp_path / "md", SPECS)
+    out = tmp_path / "dataset"
+    counts = dataset.build(_cfg(), tmp_path / "md" / "manifest.parquet", tmp_path / "md", out)
+    assert counts == {"structures": 4, "trajectories": 8, "frames": 8 * 101}
+    parts = sorted(str(p.relative_to(out)) for p in out.glob("frames/*/*/*.parquet"))
+    assert parts == sorted(f"frames/temperature={T}/split={s}/part-{c:05d}.parquet"
+                           for T in TEMPS for s, c in (("test", 1), ("train", 0), ("train", 1)))
+    assert pq.ParquetFile(out / parts[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    labels = schema.read_df(out / "labels.parquet", "labels").set_index(["id", "temperature"])
+    for (sid, T), pos in truth.items():
+        li = np.arange(pos.shape[1]) < dict((s[0], s[3]) for s in SPECS)[sid]
+        d = pos[-1].astype(np.float64) - pos[0]
+        msd_li = np.mean([d[i] @ d[i] for i in np.where(li)[0]])   # independent loop
+        msd_fr = np.mean([d[i] @ d[i] for i in np.where(~li)[0]])
+        row = labels.loc[(sid, T)]
+        assert row.msd_li == pytest.approx(msd_li, rel=1e-6)
+        assert row.msd_frame == pytest.approx(msd_fr, rel=1e-6)
+        assert row.msd_li_per_ps == pytest.approx(msd_li / 2.0, rel=1e-6)
+        assert row.slow_li == (msd_li / 2.0 < 0.1)
+    prov = schema.read_provenance(out / "labels.parquet")
+    assert prov["config"]["md"]["temperatures"] == TEMPS and "torch" in prov["versions"]
+    # partitioned read gives back the exact trajectory
+    ds = schema.open_frames(out / "frames")
+    pos, times = schema.read_trajectory(ds, "b1", 1000)
+    np.testing.assert_array_equal(pos, truth[("b1", 1000)])
+    assert times[1] - times[0] == pytest.approx(0.02)
+    assert not (tmp_path / "dataset.tmp").exists()
+
+
+def test_nan_trajectory_is_a_clear_error_and_no_output(tmp_path):
+    _fake_md(tmp_path / "md", SPECS, nan_in=("b1", 600))
+    out = tmp_path / "dataset"
+    with pytest.raises(SchemaError, match="b1 at 600 K.*NaN"):
+        dataset.build(_cfg(), tmp_path / "md" / "manifest.parquet", tmp_path / "md", out)
+    assert not out.exists()
+
+
+def test_corrupt_and_mismatched_parquet_cli(tmp_path, capsys):
+    _fake_md(tmp_path / "md", SPECS)
+    f = dataset.frames_file(dataset.md_chunk_dir(tmp_path / "md", 1), 1000)
+    blob = f.read_bytes()
+    f.write_bytes(blob[: len(blob) // 2])  # truncated file
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("md:\n  temperatures: [600, 1000]\n")
+    rc = main(["dataset", "--config", str(cfgfile), "--manifest", str(tmp_path / "md" / "manifest.parquet"),
+               "--md-root", str(tmp_path / "md"), "--out-dir", str(tmp_path / "ds")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and "frames_T1000.parquet" in err[-1]
+    assert "unreadable Parquet" in err[-1] and not (tmp_path / "ds").exists()
+    # a valid Parquet file with the wrong schema
+    pd.DataFrame({"id": ["x"], "frame": [1.5]}).to_parquet(f)
+    with pytest.raises(SchemaError, match="column 'source' missing|not a frames table"):
+        schema.read_table(f, "frames")
+
+
+def test_pair_source_balanced_and_exact(tmp_path):
+    truth = _fake_md(tmp_path / "md", SPECS)
+    out = tmp_path / "dataset"
+    cfg = _cfg()
+    dataset.build(cfg, tmp_path / "md" / "manifest.parquet", tmp_path / "md", out)
+    trajs = dataset.load_trajectories(out, ["train"])
+    k = dataset.delta_frames(cfg)
+    assert k == 50
+    src = dataset.ParquetPairSource(trajs, k, slow={("b1", 600): (True, False)})
+    rng = np.random.default_rng(0)
+    pairs = [p for _ in range(200) for p in src.sample(16, rng)]
+    comp = Counter("LiA" if p.id.startswith("a") else "LiB" for p in pairs)
+    # two compositions drawn equally often although LiA has two structures
+    assert abs(comp["LiA"] / len(pairs) - 0.5) < 0.03
+    for p in pairs[:50]:
+        pos = truth[(p.id, int(p.temperature))]
+        f0 = int(np.where((pos == p.x0).all(axis=(1, 2)))[0][0])
+        np.testing.assert_array_equal(p.x1, pos[f0 + k])
+        assert p.li_slow == (p.id == "b1" and p.temperature == 600)
+    assert "c1" not in {p.id for p in pairs}
