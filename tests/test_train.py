@@ -17,11 +17,13 @@ from liflow_screen.model.train import (
     ListPairSource, Pair, build_batch, flow_loss, flow_meta, load_flow, prior_sigma_for, train_flow,
 )
 
-A = 4.03  # Å, rock-salt LiF conventional cell
-FRAC = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],          # Li
-                 [.5, .5, .5], [.5, 0, 0], [0, .5, 0], [0, 0, .5]])          # F
-NUMBERS = np.array([3, 3, 3, 3, 9, 9, 9, 9])
-CELL = np.eye(3) * A
+A = 4.03  # Å, rock-salt LiF conventional cell (8 atoms); the test crystal is its 2x1x1 supercell
+_FRAC1 = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],          # Li
+                   [.5, .5, .5], [.5, 0, 0], [0, .5, 0], [0, 0, .5]])          # F
+FRAC = np.concatenate([_FRAC1 * [0.5, 1, 1], _FRAC1 * [0.5, 1, 1] + [0.5, 0, 0]])
+NUMBERS = np.array([3, 3, 3, 3, 9, 9, 9, 9] * 2)
+NAT = len(NUMBERS)
+CELL = np.diag([2 * A, A, A])
 T1, T2 = 600.0, 1000.0
 #: The known process: displacement over Δτ is N(0, σ^2) per Cartesian component, σ in Å.
 TRUE_SIGMA = {(3, T1): 0.6, (3, T2): 1.0, (9, T1): 0.10, (9, T2): 0.15}
@@ -37,8 +39,8 @@ def _pairs(n_per_t: int, seed: int) -> list[Pair]:
     for temp in (T1, T2):
         sig = np.array([TRUE_SIGMA[(int(z), temp)] for z in NUMBERS])[:, None]
         for k in range(n_per_t):
-            x0 = FRAC @ CELL + rng.normal(0, 0.05, (8, 3))
-            x1 = x0 + rng.normal(size=(8, 3)) * sig
+            x0 = FRAC @ CELL + rng.normal(0, 0.05, (NAT, 3))
+            x1 = x0 + rng.normal(size=(NAT, 3)) * sig
             out.append(Pair(id=f"LiF-{temp:g}-{k}", numbers=NUMBERS, cell=CELL, x0=x0.astype(np.float32),
                             x1=x1.astype(np.float32), temperature=temp, li_slow=temp == T1,
                             frame_slow=temp == T1))
@@ -49,7 +51,7 @@ def _unit_sigma() -> dict[tuple[int, float], float]:
     """Maxwell–Boltzmann prior σ (Å) for scale 1, per (species, T), from the project's prior module."""
     g = make_batch([NUMBERS, NUMBERS], [FRAC @ CELL] * 2, [CELL] * 2, [T1, T2])
     s = prior_sigma(g, "adaptive", li_scale=torch.ones(2), frame_scale=torch.ones(2))
-    return {(int(z), T): float(s[gi * 8 + i]) for gi, T in enumerate((T1, T2)) for i, z in enumerate(NUMBERS)}
+    return {(int(z), T): float(s[gi * NAT + i]) for gi, T in enumerate((T1, T2)) for i, z in enumerate(NUMBERS)}
 
 
 def _cfg(**train: object) -> dict:
@@ -123,7 +125,7 @@ def test_learns_known_process(tmp_path: Path) -> None:
     test = _pairs(64, seed=3)
     d = _euler(model, test, meta["prior"], n_flow=10, seed=4).numpy()
     z = np.concatenate([p.numbers for p in test])
-    temp = np.repeat([p.temperature for p in test], 8)
+    temp = np.repeat([p.temperature for p in test], NAT)
     for (species, T), s in TRUE_SIGMA.items():
         var = float(np.mean(d[(z == species) & (temp == T)] ** 2))
         assert var == pytest.approx(s ** 2, rel=0.2), (species, T, var, s ** 2)
