@@ -16,9 +16,12 @@ configfile: "config.yaml"
 
 validate(config, "workflow/schemas/config.schema.yaml")
 
-# Rules call the `liflow-screen` CLI: find it next to the Python running Snakemake (a venv need
-# not be activated); with --use-conda each rule's environment puts its own first on PATH.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# Rules call the `liflow-screen` CLI. Without conda, find it next to the Python running Snakemake
+# (the venv need not be activated); with --use-conda each rule's environment provides it.
+from snakemake.settings.types import DeploymentMethod
+
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f'export PATH="{os.path.dirname(sys.executable)}:$PATH"; ')
 
 # Cross-key checks and defaults from the same schema, via the package (one config schema).
 from liflow_screen import config as _lcfg

@@ -26,7 +26,7 @@ NAT = len(NUMBERS)
 CELL = np.diag([2 * A, A, A])
 T1, T2 = 600.0, 1000.0
 #: The known process: displacement over Δτ is N(0, σ^2) per Cartesian component, σ in Å.
-TRUE_SIGMA = {(3, T1): 0.6, (3, T2): 1.0, (9, T1): 0.10, (9, T2): 0.15}
+TRUE_SIGMA = {(3, T1): 0.6, (3, T2): 1.0, (9, T1): 0.30, (9, T2): 0.45}
 
 
 def _pairs(n_per_t: int, seed: int) -> list[Pair]:

@@ -9,6 +9,7 @@ conductivity in S/cm.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -167,6 +168,7 @@ def _ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
     return float(lo), float(med), float(hi)
 
 
+@functools.lru_cache(maxsize=1)
 def _unwrapped_parser_class() -> type:
     """A kinisi ``Parser`` that takes unwrapped Cartesian coordinates as they are.
 
@@ -190,7 +192,8 @@ def _unwrapped_parser_class() -> type:
         non_orthorhombic_calculate_displacements = _exact
 
         def get_indices(self, structure: Any, specie: Any) -> tuple[Any, Any]:
-            mask = np.asarray(structure) == int(specie)
+            # ``structure`` is the array of atomic numbers, ``specie`` a symbol or atomic number
+            mask = species_mask(np.asarray(structure), specie)
             return (sc.array(dims=["particle"], values=np.flatnonzero(mask)),
                     sc.array(dims=["particle"], values=np.flatnonzero(~mask)))
 
@@ -479,17 +482,24 @@ def rdf(
     hist = np.zeros(int(n_bins), dtype=np.float64)
     cell_t = torch.tensor(c, dtype=torch.float64)
     chunk = max(1, 20000 // n_at)
-    for s in range(0, n_f, chunk):
-        block = frames[s:s + chunk]
-        g = block.shape[0]
-        p = torch.as_tensor(block.reshape(-1, 3), dtype=torch.float64)
-        batch = torch.arange(g).repeat_interleave(n_at)
-        ptr = torch.arange(g + 1) * n_at
-        ei, shift = radius_graph_pbc(p, cell_t.expand(g, 3, 3), batch, float(r_max), ptr=ptr)
-        i, j = ei[0].numpy(), ei[1].numpy()
-        dist = torch.linalg.norm(p[ei[1]] - p[ei[0]] + shift, dim=1).numpy()
-        keep = ma[i % n_at] & mb[j % n_at]
-        hist += np.histogram(dist[keep], bins=edges)[0]
+    # The per-frame tensors are tiny: intra-op threading only adds overhead (20x on a busy
+    # 2-core machine), so run single-threaded and restore the caller's setting afterwards.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for s in range(0, n_f, chunk):
+            block = frames[s:s + chunk]
+            g = block.shape[0]
+            p = torch.as_tensor(block.reshape(-1, 3), dtype=torch.float64)
+            batch = torch.arange(g).repeat_interleave(n_at)
+            ptr = torch.arange(g + 1) * n_at
+            ei, shift = radius_graph_pbc(p, cell_t.expand(g, 3, 3), batch, float(r_max), ptr=ptr)
+            i, j = ei[0].numpy(), ei[1].numpy()
+            dist = torch.linalg.norm(p[ei[1]] - p[ei[0]] + shift, dim=1).numpy()
+            keep = ma[i % n_at] & mb[j % n_at]
+            hist += np.histogram(dist[keep], bins=edges)[0]
+    finally:
+        torch.set_num_threads(n_threads)
     volume = abs(np.linalg.det(c))
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     rho_b = mb.sum() / volume

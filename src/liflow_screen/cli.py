@@ -83,6 +83,94 @@ def _dataset(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     dataset.build(cfg, ns.manifest, ns.md_root, ns.out_dir)
 
 
+def _args_selector(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="selector model file (.pt)")
+    p.add_argument("--report", required=True, type=Path, help="accuracy / confusion matrices (JSON)")
+
+
+@command("train-selector", "train the prior-selector classifiers (Li, frame)", _args_selector)
+def _train_selector(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import stages
+
+    stages.train_selector(cfg, ns.dataset, ns.out, ns.report)
+
+
+def _args_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--kind", required=True, choices=["propagator", "corrector"])
+    p.add_argument("--variant", required=True, help="adaptive | uniform | isotropic | regressor (corrector: corrector)")
+    p.add_argument("--selector", type=Path, default=None, help="prior selector (adaptive prior)")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+
+
+@command("train", "train a Propagator or the Corrector (conditional flow matching)", _args_train)
+def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import stages
+
+    stages.train_model(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps)
+
+
+def _args_rollout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--selector", required=True, type=Path)
+    p.add_argument("--propagator", required=True, type=Path)
+    p.add_argument("--corrector", type=Path, default=None)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--chunk", required=True, type=int)
+    p.add_argument("--out-dir", required=True, type=Path)
+
+
+@command("rollout", "batched LiFlow rollouts (Algorithm 1) for one chunk of structures", _args_rollout)
+def _rollout(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import stages
+
+    stages.rollout_chunk(cfg, ns.manifest, ns.dataset, ns.selector, ns.propagator, ns.corrector, ns.variant,
+                         ns.chunk, ns.out_dir)
+
+
+def _args_analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--frames", required=True, type=Path, help="chunk folder with frames_T<K>.parquet + status.parquet")
+    p.add_argument("--source", required=True, help="md or liflow:<variant>")
+    p.add_argument("--out", required=True, type=Path)
+
+
+@command("analyze", "MSD, kinisi D*, RDF for the trajectories of one chunk", _args_analyze)
+def _analyze(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import report
+
+    report.analyze_trajectories(ns.frames, ns.dataset / "structures.parquet", ns.out, cfg=cfg,
+                                status=ns.frames / "status.parquet", sources=[ns.source])
+
+
+def _args_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--selector", required=True, type=Path, help="prior selector model (.pt)")
+    p.add_argument("--analysis-root", required=True, type=Path)
+    p.add_argument("--rollout-root", required=True, type=Path)
+    p.add_argument("--out-dir", required=True, type=Path)
+
+
+@command("report", "metrics.csv (Table 1 layout), ranking.csv and plots", _args_report)
+def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import config, report, schema, stages
+
+    analysis = sorted(ns.analysis_root.glob("*/chunk_*.parquet"))
+    if not analysis:
+        raise LiflowError(f"no analysis files under {ns.analysis_root}")
+    statuses = [ns.dataset / "status.parquet", *sorted(ns.rollout_root.glob("*/chunk_*/status.parquet"))]
+    structs = schema.read_df(ns.dataset / "structures.parquet", "structures")
+    temps = sorted({float(t) for t in cfg["md"]["temperatures"]} | set(config.rollout_temperatures(cfg)))
+    preds = stages.selector_predictions(ns.selector, structs, [(i, t) for i in structs["id"] for t in temps])
+    uncertain = preds.groupby("id")["uncertain"].any().to_dict()
+    report.write_reports(analysis, structs, statuses, uncertain, ns.out_dir, cfg=cfg,
+                         variant=cfg["train"]["variants"][0])
+
+
 # ----------------------------------------------------------------------------- plumbing
 
 

@@ -404,7 +404,11 @@ def compute_ranking(
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
-        return out, fits
+        base = ["rank", "id", "formula", "split", "source", "n_li", "volume_A3", "E_A_eV", "E_A_eV_low",
+                "E_A_eV_high", "arrhenius_n_T", f"D_{tgt}", f"D_{tgt}_low", f"D_{tgt}_high", f"sigma_{tgt}_S_cm",
+                f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high", "diverged", "extrapolated_temperature",
+                "classifier_uncertain"]
+        return pd.DataFrame(columns=base), fits
     out["classifier_uncertain"] = out["classifier_uncertain"].astype("boolean")
     out = out.sort_values(f"sigma_{tgt}_S_cm", ascending=False, na_position="last", kind="mergesort")
     out.insert(0, "rank", np.arange(1, len(out) + 1))

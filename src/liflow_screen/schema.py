@@ -220,22 +220,47 @@ def frame_partition_path(root: str | Path, temperature: float, split: str) -> Pa
     return Path(root) / f"temperature={int(round(temperature))}" / f"split={split}"
 
 
+def chunk_frame_files(chunk_dir: str | Path) -> dict[int, Path]:
+    """Frame files of one MD or rollout chunk directory, by temperature (K): ``frames_T<K>.parquet``."""
+    out = {}
+    for f in sorted(Path(chunk_dir).glob("frames_T*.parquet")):
+        try:
+            out[int(f.stem.removeprefix("frames_T"))] = f
+        except ValueError:
+            continue
+    return out
+
+
 def open_frames(root: str | Path) -> pads.Dataset:
-    """Open a partitioned frame dataset (``temperature=*/split=*/*.parquet``), schema-checked."""
+    """Open frames as one dataset with ``temperature`` (and ``split``) columns, schema-checked.
+
+    ``root`` is either a partitioned dataset (``temperature=*/split=*/*.parquet``) or a chunk
+    directory of ``frames_T<K>.parquet`` files (then ``split`` is null).
+    """
     root = Path(root)
     files = sorted(root.glob("temperature=*/split=*/*.parquet"))
-    if not files:
-        raise SchemaError(f"{root}: no frame files (expected temperature=*/split=*/*.parquet)")
-    for f in files:
+    by_temp = {} if files else chunk_frame_files(root)
+    if not files and not by_temp:
+        raise SchemaError(f"{root}: no frame files (expected temperature=*/split=*/*.parquet or frames_T<K>.parquet)")
+    for f in files or by_temp.values():
         try:
             _check(pq.read_schema(f), "frames", f)
         except SchemaError:
             raise
         except Exception as exc:
             raise SchemaError(f"{f}: unreadable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
-    part = pads.partitioning(FRAME_PARTITIONS, flavor="hive")
-    return pads.dataset([str(f) for f in files], format="parquet", partitioning=part,
-                        partition_base_dir=str(root), schema=pa.unify_schemas([FRAMES, FRAME_PARTITIONS]))
+    full = pa.unify_schemas([FRAMES, FRAME_PARTITIONS])
+    if files:
+        part = pads.partitioning(FRAME_PARTITIONS, flavor="hive")
+        return pads.dataset([str(f) for f in files], format="parquet", partitioning=part,
+                            partition_base_dir=str(root), schema=full)
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+
+    temps = sorted(by_temp)
+    return pads.FileSystemDataset.from_paths(
+        [str(by_temp[t].resolve()) for t in temps], schema=full, format=pads.ParquetFileFormat(),
+        filesystem=pafs.LocalFileSystem(), partitions=[pc.field("temperature") == pa.scalar(t, pa.int32()) for t in temps])
 
 
 def read_trajectory(dataset: pads.Dataset, sid: str, temperature: float, source: str | None = None):

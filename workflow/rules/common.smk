@@ -33,7 +33,7 @@ def _uses_corrector(variant):
     return CFG["rollout"]["corrector"] and variant != "regressor"
 
 
-def _analysis_inputs(wildcards):
+def report_analysis_inputs(wildcards):
     ref = [f"{R}/analysis/md/chunk_{chunk_str(k)}.parquet" for k in md_chunks()]
     gen = [f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet" for v in VARIANTS for k in rollout_chunks()]
     return ref + gen
