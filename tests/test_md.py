@@ -21,6 +21,17 @@ class Killed(BaseException):
     """Simulates the job being killed (not an Exception: nothing may swallow it)."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small graphs on a shared 2-core machine: intra-op threads only add contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> P.Potential:
     path = P.save_mace_model(P.build_random_mace("tiny", seed=1), tmp_path_factory.mktemp("m") / "tiny.model")
@@ -64,7 +75,7 @@ def test_relax_lowers_energy_and_reports_failure(tiny):
     a.rattle(0.15, seed=4)
     a.calc = tiny.calculator
     e0 = a.get_potential_energy()
-    out, status = md.relax(a, tiny, fmax=1e-4, steps=30, cell=True)
+    out, status = md.relax(a, tiny, fmax=1e-4, steps=10, cell=True)
     assert status in ("ok", "not_converged")
     assert out.get_potential_energy() < e0
     bad = a.copy()
@@ -141,7 +152,8 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
     key = ["id", "frame"]
     ref, got = ref.sort_values(key).reset_index(drop=True), got.sort_values(key).reset_index(drop=True)
     assert len(got) == len(ref) == 22
-    np.testing.assert_array_equal(np.stack(got.positions), np.stack(ref.positions))
+    for pg, pr in zip(got.positions, ref.positions):
+        np.testing.assert_array_equal(pg, pr)
     np.testing.assert_array_equal(got.energy, ref.energy)
     assert not (out / "ckpt").exists()
 
@@ -187,7 +199,7 @@ def test_batched_equals_one_by_one(tiny):
     finally:
         del tiny.energies_forces
     n_steps = 5 * 4
-    assert n_serial == 3 * (n_steps + 1) and all(c == 1 for c in calls[:0])
+    assert n_serial == 3 * (n_steps + 1)
     assert calls == [3] * (n_steps + 1)  # one model call per MD step for the whole group
     for s, b in zip(serial, batched):
         assert s.status == b.status == "ok"

@@ -17,6 +17,17 @@ from liflow_screen import potentials as P
 from liflow_screen.errors import InputError, LiflowError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small graphs on a shared 2-core machine: intra-op threads only add contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> Path:
     return P.save_mace_model(P.build_random_mace("tiny", seed=1), tmp_path_factory.mktemp("m") / "tiny.model")

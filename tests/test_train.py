@@ -17,6 +17,16 @@ from liflow_screen.model.train import (
     ListPairSource, Pair, build_batch, flow_loss, flow_meta, load_flow, prior_sigma_for, train_flow,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine two OpenMP threads spin-wait and a
+    small training step gets ~10x slower under load. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 A = 4.03  # Å, rock-salt LiF conventional cell (8 atoms); the test crystal is its 2x1x1 supercell
 _FRAC1 = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],          # Li
                    [.5, .5, .5], [.5, 0, 0], [0, .5, 0], [0, 0, .5]])          # F
@@ -24,7 +34,7 @@ FRAC = np.concatenate([_FRAC1 * [0.5, 1, 1], _FRAC1 * [0.5, 1, 1] + [0.5, 0, 0]]
 NUMBERS = np.array([3, 3, 3, 3, 9, 9, 9, 9] * 2)
 NAT = len(NUMBERS)
 CELL = np.diag([2 * A, A, A])
-T1, T2 = 600.0, 1000.0
+T1, T2 = 600.0, 1200.0
 #: The known process: displacement over Δτ is N(0, σ^2) per Cartesian component, σ in Å.
 TRUE_SIGMA = {(3, T1): 0.6, (3, T2): 1.0, (9, T1): 0.30, (9, T2): 0.45}
 
@@ -54,16 +64,46 @@ def _unit_sigma() -> dict[tuple[int, float], float]:
     return {(int(z), T): float(s[gi * NAT + i]) for gi, T in enumerate((T1, T2)) for i, z in enumerate(NUMBERS)}
 
 
+#: Prior width / true width per (species, T), realised through the adaptive scale pairs (Li and
+#: frame "small" scale at T1, "large" at T2). The species and temperature dependence of the
+#: variance thus enters through the adaptive prior; the flow must learn to contract every group by
+#: 1/1.5 (the zero field would leave the variance 2.25x too large). With ratios that differ between
+#: groups (e.g. 0.6 vs 1.5) this tiny model needs far more steps than a unit test can afford: the
+#: CFM gradient is dominated by irreducible target noise and the generated variance then scatters
+#: by +-30 % between seeds after ~1000 steps.
+Q = {(3, T1): 1.5, (3, T2): 1.5, (9, T1): 1.5, (9, T2): 1.5}
+
+
 def _cfg(**train: object) -> dict:
-    """Small model (fast on 2 CPU cores); adaptive scales chosen so that the prior σ is 1.5x the truth."""
+    """Small model (fast on 2 CPU cores); adaptive scales give prior σ0 = Q x true σ per group."""
     u = _unit_sigma()
+    sc = {k: Q[k] * TRUE_SIGMA[k] / u[k] for k in Q}
     base = {"features": 16, "radial": 8, "layers": 2, "cutoff": 3.0, "lr": 3e-3, "batch_size": 16,
             "val_every": 50, "val_batches": 2, "patience": 100, "device": "cpu",
-            "prior_li": [1.5 * TRUE_SIGMA[(3, T1)] / u[(3, T1)], 1.5 * TRUE_SIGMA[(3, T2)] / u[(3, T2)]],
-            "prior_frame": [1.5 * TRUE_SIGMA[(9, T1)] / u[(9, T1)], 1.5 * TRUE_SIGMA[(9, T2)] / u[(9, T2)]],
-            "uniform_scale": 0.1, "isotropic_scale": 0.3}
+            "prior_li": [sc[(3, T1)], sc[(3, T2)]], "prior_frame": [sc[(9, T1)], sc[(9, T2)]],
+            "uniform_scale": 1.0, "isotropic_scale": 0.3}
     base.update(train)
     return config.validate({"seed": 0, "train": base})
+
+
+def _euler_exact_ratio(q: float, n_flow: int) -> float:
+    """Var(generated)/Var(true) when the EXACT marginal field of N(0, q^2) -> N(0, 1) is integrated
+    with n_flow left-point Euler steps (t_k = k/n_flow). For the linear path this field is
+    a(t) d with a(t) = (t - (1-t) q^2) / ((1-t)^2 q^2 + t^2); 10 steps give ~0.76, not 1."""
+    r = q
+    for k in range(n_flow):
+        t = k / n_flow
+        r *= 1 + (t - (1 - t) * q * q) / ((1 - t) ** 2 * q * q + t * t) / n_flow
+    return r * r
+
+
+def _cfm_losses(q: float, s1: float) -> tuple[float, float]:
+    """(loss of the zero field, minimum CFM loss) per Cartesian component for N(0,(q s1)^2) -> N(0,s1^2)."""
+    s0 = q * s1
+    t = (np.arange(20000) + 0.5) / 20000
+    cov = t * s1 ** 2 - (1 - t) * s0 ** 2
+    var = (1 - t) ** 2 * s0 ** 2 + t ** 2 * s1 ** 2
+    return s0 ** 2 + s1 ** 2, float(np.mean(s0 ** 2 + s1 ** 2 - cov ** 2 / var))
 
 
 def _euler(model, pairs: list[Pair], prior: dict, n_flow: int, seed: int) -> torch.Tensor:
@@ -107,28 +147,39 @@ def test_build_batch_semantics() -> None:
 
 
 def test_learns_known_process(tmp_path: Path) -> None:
-    """Train a small Propagator for 400 steps, then the Euler-generated variance matches the truth."""
-    cfg = _cfg()
+    """Train a small Propagator, then Euler-generated per-species variances match the known process."""
+    cfg = _cfg(lr=1e-3, val_every=100, val_batches=8)
     train_src = ListPairSource(_pairs(256, seed=1))
     val_src = ListPairSource(_pairs(32, seed=2))
-    summary = train_flow("propagator", "adaptive", cfg, train_src, val_src, tmp_path, max_steps=400,
+    summary = train_flow("propagator", "adaptive", cfg, train_src, val_src, tmp_path, max_steps=1000,
                          progress=False)
-    assert summary["steps"] == 400 and not summary["stopped_early"]
+    assert summary["steps"] == 1000 and not summary["stopped_early"]
     hist = json.loads((tmp_path / "history.json").read_text())
-    assert hist["history"][-1]["train_loss"] < 0.8 * hist["history"][0]["train_loss"]
     assert hist["best_val"] == pytest.approx(min(h["val_loss"] for h in hist["history"]))
     assert hist["provenance"]["config"]["train"]["features"] == 16
+
+    # The loss falls from the zero-field level to near the analytic CFM minimum (never below it).
+    zero, opt = np.mean([_cfm_losses(Q[k], s) for k, s in TRUE_SIGMA.items()], axis=0)
+    first = hist["history"][0]["train_loss"]
+    late = float(np.mean([h["train_loss"] for h in hist["history"][-4:]]))
+    assert late < first
+    assert 0.97 * opt < late < opt + 0.25 * (zero - opt), (first, late, zero, opt)
 
     model = load_flow(tmp_path / "best.pt")
     meta = flow_meta(tmp_path / "best.pt")
     assert meta["kind"] == "propagator" and meta["prior"]["kind"] == "adaptive"
     test = _pairs(64, seed=3)
-    d = _euler(model, test, meta["prior"], n_flow=10, seed=4).numpy()
     z = np.concatenate([p.numbers for p in test])
     temp = np.repeat([p.temperature for p in test], NAT)
+    fine = _euler(model, test, meta["prior"], n_flow=100, seed=4).numpy()
+    coarse = _euler(model, test, meta["prior"], n_flow=10, seed=4).numpy()
     for (species, T), s in TRUE_SIGMA.items():
-        var = float(np.mean(d[(z == species) & (temp == T)] ** 2))
-        assert var == pytest.approx(s ** 2, rel=0.2), (species, T, var, s ** 2)
+        m = (z == species) & (temp == T)
+        # Converged integration (100 steps) reproduces the true variance ...
+        assert float(np.mean(fine[m] ** 2)) == pytest.approx(s ** 2, rel=0.2), (species, T)
+        # ... and the paper's 10 Euler steps give what 10 steps of the exact field give.
+        want = _euler_exact_ratio(Q[(species, T)], 10) * s ** 2
+        assert float(np.mean(coarse[m] ** 2)) == pytest.approx(want, rel=0.2), (species, T)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

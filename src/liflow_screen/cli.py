@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", type=Path, default=Path("config.yaml"), help="YAML config (default: config.yaml)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
         add_args(p)
     return parser
 
@@ -197,6 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from . import config
 
+    if ns.threads:
+        os.environ["OMP_NUM_THREADS"] = str(ns.threads)
+        if "torch" in sys.modules or ns.command in ("md", "train", "rollout", "train-selector", "analyze"):
+            import torch
+
+            torch.set_num_threads(ns.threads)
     try:
         cfg = config.load(ns.config)
         _COMMANDS[ns.command][2](ns, cfg)

@@ -3,7 +3,7 @@
 All G trajectories advance together in ONE :class:`GraphBatch`. Per Δτ step (1 ps by default):
 
 1. the Propagator's :class:`Conditioning` of X_tau (periodic neighbour list on the device, edge
-   vectors, radial features, geometry-1 filters) is built once;
+   vectors, unit vectors, radial features) is built once;
 2. D ~ prior(sigma_prop) is Euler-integrated for ``n_flow`` steps (t = i / n_flow);
 3. the Corrector is conditioned once on X~ = X_tau + D, D_c ~ prior(sigma_corr) is integrated the
    same way, and X' = X~ + D_c;

@@ -20,5 +20,5 @@ rule md:
         runtime=2880,
         mem_mb=16000,
     shell:
-        "liflow-screen md --config {params.config} --manifest {input.manifest} --chunk {wildcards.chunk} "
+        "liflow-screen md --config {params.config} --threads {threads} --manifest {input.manifest} --chunk {wildcards.chunk} "
         "--out-dir {params.outdir} 2> {log}"

@@ -26,6 +26,6 @@ rule rollout:
         runtime=240,
         mem_mb=16000,
     shell:
-        "liflow-screen rollout --config {params.config} --manifest {input.manifest} --dataset {params.dataset} "
+        "liflow-screen rollout --config {params.config} --threads {threads} --manifest {input.manifest} --dataset {params.dataset} "
         "--selector {input.selector} --propagator {input.propagator} {params.corrector} "
         "--variant {wildcards.variant} --chunk {wildcards.chunk} --out-dir {params.out_dir} 2> {log}"

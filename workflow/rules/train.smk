@@ -44,7 +44,7 @@ rule train_propagator:
         runtime=240,
         mem_mb=32000,
     shell:
-        "liflow-screen train --config {params.config} --dataset {params.dataset} --selector {input.selector} "
+        "liflow-screen train --config {params.config} --threads {threads} --dataset {params.dataset} --selector {input.selector} "
         "--kind propagator --variant {wildcards.variant} --out-dir {params.out_dir} 2> {log}"
 
 
@@ -68,5 +68,5 @@ rule train_corrector:
         runtime=240,
         mem_mb=32000,
     shell:
-        "liflow-screen train --config {params.config} --dataset {params.dataset} --kind corrector "
+        "liflow-screen train --config {params.config} --threads {threads} --dataset {params.dataset} --kind corrector "
         "--variant corrector --out-dir {params.out_dir} 2> {log}"

@@ -11,7 +11,7 @@ smooth cosine cutoff envelope of the unshifted distance (5 Å). Filters of the t
 summed (Eqs. 26b/27b); the two unit-vector directions get distinct vector filters W'_vs,k.
 Vector node features start as D_t ⊗ w (learnable w); the invariant embedding is
 f_atom(a) + [f_cont(T/1000) ⊕ f_cont(t)] with sinusoidal f_cont on fixed N(0,1) frequencies.
-Everything depending only on X_tau (edges, edge vectors, radial features, geometry-1 filters)
+Everything depending only on X_tau (edges, edge vectors, radial features, unit vectors)
 lives in a :class:`Conditioning` that can be built once and reused for every flow step.
 """
 
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..geometry import radius_graph_pbc
 from .graph import GraphBatch
@@ -34,7 +33,8 @@ _EPS = 1e-9  # Å^2 added under square roots so gradients stay finite at zero le
 class Conditioning:
     """Graph quantities that depend only on the conditioning geometry X_tau (and cell).
 
-    Belongs to the :class:`FlowModel` that built it (``filter1`` uses that model's weights).
+    The filters are linear in the radial features, W(|r1|) + W(|r2|) = (rbf1 + rbf2) W^T + 2 b,
+    so caching rbf1 saves the geometry-1 work without storing per-layer (E,4F) filters.
     """
 
     edge_index: Tensor  # (2,E) long, (i, j) global atom indices; messages flow j -> i
@@ -43,8 +43,7 @@ class Conditioning:
     dist1: Tensor       # (E,) Å, |r_ij,1|
     unit1: Tensor       # (E,3) r_ij,1 / |r_ij,1|
     rbf1: Tensor        # (E,R) Bessel features of |r_ij,1| + offset, times the cutoff envelope
-    filter1: Tensor     # (layers,E,4F) filter-network output for geometry 1 (model-specific)
-    owner: int          # id() of the FlowModel that built it
+    basis: tuple        # (cutoff Å, n radial, offset Å) of the model that built it
 
     @property
     def n_edges(self) -> int:
@@ -101,14 +100,15 @@ class TwoGeometryInteraction(nn.Module):
         self.context = nn.Sequential(nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 4 * features))
         self.filter = nn.Linear(radial, 4 * features)
 
-    def filter_pair(self, filter1: Tensor, rbf2: Tensor) -> Tensor:
-        """W(|r1|) + W(|r2|) (E,4F), given the cached ``filter1`` = W(|r1|) incl. bias and rbf2 (E,R)."""
-        return torch.addmm(filter1 + self.filter.bias, rbf2, self.filter.weight.t())
+    def filter_pair(self, rbf_sum: Tensor) -> Tensor:
+        """W(|r1|) + W(|r2|) (E,4F) from rbf_sum = rbf(|r1|) + rbf(|r2|) (E,R): the filter is affine."""
+        return torch.addmm(2.0 * self.filter.bias, rbf_sum, self.filter.weight.t())
 
-    def forward(self, s: Tensor, v: Tensor, edge_index: Tensor, filter1: Tensor, rbf2: Tensor,
+    def forward(self, s: Tensor, v: Tensor, edge_index: Tensor, rbf_sum: Tensor,
                 units: Tensor) -> tuple[Tensor, Tensor]:
-        """s (N,F), v (N,3,F); filter1 (E,4F) = W(|r1|); rbf2 (E,R); units (E,3,2) = [r̂1, r̂2] (unit vectors)."""
+        """s (N,F), v (N,3,F); rbf_sum (E,R) = rbf1 + rbf2; units (E,3,2) = [r̂1, r̂2] (unit vectors)."""
         feat = self.features
+        grad = torch.is_grad_enabled()  # in-place edge ops only when no autograd graph is recorded
         ctx = self.context(s)  # (N,4F)
         ds = torch.zeros_like(s)
         dv = torch.zeros_like(v)
@@ -116,12 +116,14 @@ class TwoGeometryInteraction(nn.Module):
         for lo in range(0, n_edges, self.edge_chunk):
             hi = min(lo + self.edge_chunk, n_edges)
             i, j = edge_index[0, lo:hi], edge_index[1, lo:hi]
-            x = ctx.index_select(0, j) * self.filter_pair(filter1[lo:hi], rbf2[lo:hi])
+            x = self.filter_pair(rbf_sum[lo:hi])
+            x = x * ctx.index_select(0, j) if grad else x.mul_(ctx.index_select(0, j))
             fs, fvv = x[:, :feat], x[:, feat:2 * feat]
             fvs1, fvs2 = x[:, 2 * feat:3 * feat], x[:, 3 * feat:]
             u = units[lo:hi]
             # v_j ∘ phi_vv W_vv  +  sum_k r̂_k ⊗ (phi_vs,k W'_vs,k)
-            msg = v.index_select(0, j) * fvv.unsqueeze(1)
+            msg = v.index_select(0, j)
+            msg = msg * fvv.unsqueeze(1) if grad else msg.mul_(fvv.unsqueeze(1))
             msg.addcmul_(u[:, :, 0:1], fvs1.unsqueeze(1))
             msg.addcmul_(u[:, :, 1:2], fvs2.unsqueeze(1))
             ds.index_add_(0, i, fs)
@@ -183,6 +185,7 @@ class FlowModel(nn.Module):
         self.hparams: dict = dict(features=features, radial=radial, layers=layers, cutoff=float(cutoff),
                                   offset=float(offset), max_z=max_z, seed=seed, avg_neighbors=float(avg_neighbors))
         self.features, self.cutoff, self.max_z = features, float(cutoff), max_z
+        self._basis = (float(cutoff), int(radial), float(offset))
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -200,6 +203,8 @@ class FlowModel(nn.Module):
     # ------------------------------------------------------------------ conditioning
     def condition(self, g: GraphBatch) -> Conditioning:
         """Radius graph of X_tau = g.pos (periodic, vesin-torch, on g's device) and its features."""
+        if g.numbers.numel() and int(g.numbers.max()) > self.max_z:
+            raise ValueError(f"atomic number {int(g.numbers.max())} exceeds max_z={self.max_z}")
         edge_index, shift = radius_graph_pbc(g.pos, g.cell, g.batch, self.cutoff, g.ptr)
         return self.condition_from_edges(g, edge_index, shift)
 
@@ -210,10 +215,8 @@ class FlowModel(nn.Module):
         vec1 = g.pos[edge_index[1]] - g.pos[edge_index[0]] + shift
         dist1 = torch.sqrt((vec1 * vec1).sum(-1) + _EPS)
         rbf1 = self.rbf(dist1)
-        filter1 = torch.stack([blk.filter(rbf1) for blk in self.interactions]) if len(dist1) else \
-            rbf1.new_zeros(len(self.interactions), 0, 4 * self.features)  # W(|r1|) incl. bias
         return Conditioning(edge_index=edge_index, vec1=vec1, shift=shift, dist1=dist1,
-                            unit1=vec1 / dist1.unsqueeze(-1), rbf1=rbf1, filter1=filter1, owner=id(self))
+                            unit1=vec1 / dist1.unsqueeze(-1), rbf1=rbf1, basis=self._basis)
 
     # ------------------------------------------------------------------ forward
     def forward(self, d: Tensor, t: Tensor, g: GraphBatch, cond: Conditioning | None = None) -> Tensor:
@@ -225,16 +228,14 @@ class FlowModel(nn.Module):
         """
         if cond is None:
             cond = self.condition(g)
-        elif cond.owner != id(self):
-            raise ValueError("Conditioning was built by a different FlowModel")
+        elif cond.basis != self._basis:
+            raise ValueError(f"Conditioning built for radial basis {cond.basis}, this model uses {self._basis}")
         if d.shape != g.pos.shape:
             raise ValueError(f"d has shape {tuple(d.shape)}, expected {tuple(g.pos.shape)}")
         n = d.shape[0]
         t = torch.as_tensor(t, dtype=d.dtype, device=d.device)
         if t.ndim == 0:
             t = t.expand(g.n_graphs)
-        if g.numbers.numel() and int(g.numbers.max()) > self.max_z:
-            raise ValueError(f"atomic number {int(g.numbers.max())} exceeds max_z={self.max_z}")
         # node features
         cont = torch.cat([self.embed_T(g.temperature.to(d.dtype) / 1000.0), self.embed_t(t)], dim=-1)  # (G,F)
         s = self.embedding(g.numbers) + cont[g.batch]
@@ -244,10 +245,10 @@ class FlowModel(nn.Module):
         vec2 = cond.vec1 + d[j] - d[i]
         dist2 = torch.sqrt((vec2 * vec2).sum(-1) + _EPS)
         unit2 = vec2 / dist2.unsqueeze(-1)
-        rbf2 = self.rbf(dist2)
+        rbf_sum = cond.rbf1 + self.rbf(dist2)
         units = torch.stack([cond.unit1, unit2], dim=-1)  # (E,3,2)
-        for k, (inter, mix) in enumerate(zip(self.interactions, self.mixings)):
-            s, v = inter(s, v, cond.edge_index, cond.filter1[k], rbf2, units)
+        for inter, mix in zip(self.interactions, self.mixings):
+            s, v = inter(s, v, cond.edge_index, rbf_sum, units)
             s, v = mix(s, v)
         out = self.readout(s, v)
         assert out.shape == (n, 3)

@@ -51,6 +51,9 @@ PROPAGATOR_VARIANTS = ("adaptive", "uniform", "isotropic", "regressor")
 #: pipeline ("adaptive" = baseline P_adaptive + C) are accepted and recorded as such.
 CORRECTOR_VARIANTS = ("uniform", "adaptive")
 CKPT_FORMAT = "liflow-flow-checkpoint/1"
+#: train.* keys that may change between a run and its resumption (everything else must match).
+_RESUMABLE_KEYS = frozenset({"max_steps", "device", "variants", "classifier_hidden", "classifier_epochs",
+                             "classifier_lr"})
 
 
 # --------------------------------------------------------------------------- data
@@ -286,7 +289,7 @@ def train_flow(
     device = resolve_device(str(tcfg.get("device", "auto")))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_digest({"train": tcfg, "seed": seed})
+    digest = config_digest({"train": {k: v for k, v in tcfg.items() if k not in _RESUMABLE_KEYS}, "seed": seed})
 
     s_batch, s_noise, s_val = _seeds(seed, kind)
     # Fixed validation set: batches, flow times and noise drawn once from their own generators.
