@@ -204,6 +204,12 @@ def _unwrapped_parser_class() -> type:
     return UnwrappedParser
 
 
+#: kinisi's result is replaced by OLS when its 95 % interval spans more than this factor ...
+KINISI_MAX_SPAN = 1e3
+#: ... or its median lies further than this factor from the least-squares slope.
+KINISI_MAX_OFF = 10.0
+
+
 def kinisi_diffusion(
     pos: np.ndarray,
     times_ps: np.ndarray,
@@ -252,6 +258,16 @@ def kinisi_diffusion(
     try:
         samples = _kinisi_samples(x, c, nums, species, step, lags, start, n_samples, seed, drift_correction)
         lo, med, hi = _ci(samples)
+        ols = ols_diffusion(x, t, mask, start_dt_ps=start, n_dt=n_dt)
+        # Too little data (few atoms x short trajectory) leaves kinisi's posterior unconstrained:
+        # its credible interval then spans decades and the median drifts far from the data's slope.
+        unconstrained = not (lo > 0 and hi / lo < KINISI_MAX_SPAN)
+        off = ols["D"] > 0 and not (ols["D"] / KINISI_MAX_OFF <= med <= ols["D"] * KINISI_MAX_OFF)
+        if unconstrained or off:
+            ols["note"] = (f"kinisi posterior unconstrained (median {med:.3g}, 95 % [{lo:.3g}, {hi:.3g}] cm2/s); "
+                           "ordinary least squares used")
+            ols["n_atoms"] = int(mask.sum())
+            return ols
         return {"D": med, "D_low": lo, "D_high": hi, "D_mean": float(samples.mean()), "method": "kinisi",
                 "note": "", "start_dt_ps": start, "n_dt": int(lags.size), "n_atoms": int(mask.sum())}
     except InputError:

@@ -535,8 +535,11 @@ def run_chunk(cfg: dict[str, Any], manifest: pd.DataFrame, chunk: int, out_dir: 
                 status_rows.append(status_row(sid, split, t, "error", str(exc)))
             continue
         rpath = ckpt_dir / f"relax_{_safe_name(sid)}.pkl"
+        rfp = hashlib.sha256(json.dumps([str(row["cif"]), [int(r) for r in _row_get(row, "supercell", (1, 1, 1))],
+                                         md["relax_fmax"], md["relax_steps"], md["relax_cell"], potential.name,
+                                         potential.dtype]).encode()).hexdigest()[:24]
         rec = _load_pickle(rpath)
-        if rec is None or rec.get("n_atoms") != len(atoms0):
+        if rec is None or rec.get("fingerprint") != rfp:
             relaxed, rstatus = relax(atoms0, potential, float(md["relax_fmax"]), int(md["relax_steps"]),
                                      bool(md["relax_cell"]))
             energy = float(relaxed.get_potential_energy()) if relaxed.calc is not None else float("nan")
@@ -545,7 +548,7 @@ def run_chunk(cfg: dict[str, Any], manifest: pd.DataFrame, chunk: int, out_dir: 
                 desc_li, desc_frame = desc_li.tolist(), desc_frame.tolist()
             except Exception:  # descriptors unavailable (e.g. element outside the model): empty lists
                 desc_li, desc_frame = [], []
-            rec = {"n_atoms": len(atoms0), "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
+            rec = {"fingerprint": rfp, "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
                    "positions": relaxed.get_positions(), "status": rstatus, "energy": energy,
                    "desc_li": desc_li, "desc_frame": desc_frame}
             _save_pickle(rpath, rec)

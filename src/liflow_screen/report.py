@@ -212,7 +212,9 @@ def analyze_trajectories(
         if pos.shape[1] != numbers.size:
             raise InputError(f"{k.id} at {k.temperature} K ({k.source}): {pos.shape[1]} atoms in frames, "
                              f"{numbers.size} in the structure")
-        row = {"id": str(k.id), "temperature": int(k.temperature), "split": str(k.split), "source": str(k.source)}
+        # chunk folders carry no split partition: the structures table is the authority
+        split = k.split if isinstance(k.split, str) else str(s["split"])
+        row = {"id": str(k.id), "temperature": int(k.temperature), "split": split, "source": str(k.source)}
         row.update(analyze_trajectory(pos, times, numbers, cell, acfg, diffusion=diffusion,
                                       seed=int(full["seed"])))
         st, _reason = stat.get((row["id"], row["temperature"], row["source"]), ("ok", ""))
