@@ -171,6 +171,28 @@ def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
                          variant=cfg["train"]["variants"][0])
 
 
+def _args_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=None, help="results folder (default: config results_dir)")
+    p.add_argument("--deep", action="store_true", help="decode every page and check schemas (slower)")
+    p.add_argument("--delete", action="store_true", help="move corrupt files aside so the workflow rebuilds them")
+
+
+@command("verify", "check workflow outputs for corrupt Parquet files (exit 1 if any)", _args_verify)
+def _verify(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from . import verify
+
+    root = ns.results or Path(cfg["results_dir"])
+    bad = verify.check(root, deep=ns.deep)
+    for f, reason in bad:
+        print(f"corrupt: {f}: {reason}")
+    if ns.delete:
+        for f, _ in bad:
+            f.replace(f.with_name(f.name + ".corrupt"))
+    if bad:
+        raise SystemExit(1)
+    print(f"ok: no corrupt Parquet files under {root}")
+
+
 # ----------------------------------------------------------------------------- plumbing
 
 

@@ -45,7 +45,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from . import schema
-from .errors import InputError
+from .errors import InputError, LiflowError
 from .io import atomic_path, provenance
 from .potentials import EnergyForcesCalculator, Potential, load_potential
 
@@ -229,7 +229,7 @@ def _fingerprint(sid: str, atoms: Atoms, temperature: float, settings: MDSetting
 # --------------------------------------------------------------------------- one trajectory
 
 def _thermostat_state(dyn) -> dict[str, np.ndarray]:
-    th = dyn._thermostat  # ASE >= 3.25 NoseHooverChainNVT keeps its chain here (eta, p_eta)
+    th = dyn._thermostat  # ASE 3.29 NoseHooverChainNVT keeps its chain state here (eta, p_eta)
     return {"eta": th._eta.copy(), "p_eta": th._p_eta.copy()}
 
 
@@ -312,6 +312,10 @@ def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSetti
 
     dyn = NoseHooverChainNVT(work, timestep=settings.timestep_fs * units.fs, temperature_K=temperature,
                              tdamp=settings.ttime_fs * units.fs, tchain=settings.tchain)
+    th = getattr(dyn, "_thermostat", None)
+    if th is None or not hasattr(th, "_eta") or not hasattr(th, "_p_eta") or not hasattr(dyn, "_q"):
+        raise LiflowError("this ASE version's NoseHooverChainNVT has no (_q, _p, _thermostat._eta/_p_eta) "
+                          "state to checkpoint (written against ase 3.29)")
     if state is not None:
         _set_thermostat_state(dyn, state["thermostat"])
         dyn.nsteps = int(state["nsteps"])

@@ -135,11 +135,54 @@ def train_model(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant
         keys = sorted({(t.id, t.temperature) for t in train + val})
         slow = _slow_map(selector_predictions(selector, structs, keys))
     k = delta_frames(cfg)
+    _discard_stale_state(Path(out_dir), cfg, root, kind, variant, selector)
     corr_variant = "uniform" if kind == "corrector" else variant
     summary = train_flow(kind, corr_variant, cfg, ParquetPairSource(train, k, slow), ParquetPairSource(val, k, slow),
                          Path(out_dir), max_steps=max_steps, progress=True)
     log.info("%s/%s: %s", kind, variant, {k: summary[k] for k in ("steps", "best_val", "steps_per_s") if k in summary})
     return summary
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """Identity of a dataset for resuming: label / structure table bytes, frame files' names, sizes, mtimes."""
+    import hashlib
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for name in ("labels.parquet", "structures.parquet"):
+        h.update((root / name).read_bytes())
+    for f in sorted((root / "frames").rglob("*.parquet")):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, kind: str, variant: str,
+                         selector: str | Path | None) -> None:
+    """Remove a previous run's training state unless it was made from the same data and config.
+
+    ``last.pt`` lets a killed training resume; after the dataset, the selector or the (non-resumable)
+    training config changed, the workflow re-runs the rule and the old state must not be resumed.
+    """
+    from .io import config_digest
+    from .model.train import _RESUMABLE_KEYS
+
+    sel = Path(selector).read_bytes() if (selector and kind == "propagator" and variant == "adaptive") else b""
+    import hashlib
+
+    stamp = config_digest({
+        "data": dataset_fingerprint(dataset_dir), "selector": hashlib.sha256(sel).hexdigest()[:16],
+        "train": {k: v for k, v in cfg["train"].items() if k not in _RESUMABLE_KEYS},
+        "dataset": cfg["dataset"], "seed": cfg["seed"], "kind": kind, "variant": variant,
+    })
+    marker = out_dir / "inputs.digest"
+    last = out_dir / "last.pt"
+    if last.exists() and (not marker.exists() or marker.read_text().strip() != stamp):
+        log.info("%s: training state from other inputs or config; starting afresh", out_dir)
+        for name in ("last.pt", "best.pt", "history.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(stamp + "\n")
 
 
 def rollout_chunk_rows(manifest: pd.DataFrame, chunk: int, chunk_size: int) -> pd.DataFrame:

@@ -2,6 +2,7 @@ rule analyze_reference:
     input:
         structures=f"{R}/dataset/structures.parquet",
         status=f"{R}/md/chunk_{{chunk}}/status.parquet",
+        frames=expand(f"{R}/md/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=TEMPS),
     output:
         f"{R}/analysis/md/chunk_{{chunk}}.parquet",
     params:
@@ -27,6 +28,7 @@ rule analyze_rollout:
     input:
         structures=f"{R}/dataset/structures.parquet",
         status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
+        frames=expand(f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=ROLL_TEMPS),
     output:
         f"{R}/analysis/{{variant}}/chunk_{{chunk}}.parquet",
     params:

@@ -37,3 +37,20 @@ def report_analysis_inputs(wildcards):
     ref = [f"{R}/analysis/md/chunk_{chunk_str(k)}.parquet" for k in md_chunks()]
     gen = [f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet" for v in VARIANTS for k in rollout_chunks()]
     return ref + gen
+
+
+# Corrupt intermediates (truncated / overwritten Parquet files) are moved aside before the DAG is
+# built, so the jobs that made them run again instead of their outputs being used. Skipped in
+# dry runs (-n), which must not touch files, and inside cluster / subprocess jobs (main process only).
+def _is_dry_run(argv):
+    return any(a in ("--dry-run", "--dryrun") or (a.startswith("-") and not a.startswith("--") and "n" in a[1:])
+               for a in argv[1:])
+
+
+from snakemake_interface_executor_plugins.settings import ExecMode as _ExecMode
+
+if workflow.exec_mode == _ExecMode.DEFAULT and not _is_dry_run(sys.argv) and Path(R).exists():
+    from liflow_screen import verify as _verify
+
+    for _f in _verify.quarantine(R):
+        print(f"liflow-screen: corrupt {_f} moved aside; it will be rebuilt", file=sys.stderr)

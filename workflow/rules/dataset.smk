@@ -2,6 +2,8 @@ rule dataset:
     input:
         manifest=f"{R}/structures/manifest.parquet",
         chunks=lambda w: [f"{R}/md/chunk_{chunk_str(k)}/status.parquet" for k in md_chunks()],
+        frames=lambda w: [f"{R}/md/chunk_{chunk_str(k)}/{f}" for k in md_chunks()
+                          for f in ["structures.parquet"] + [f"frames_T{T}.parquet" for T in TEMPS]],
     output:
         structures=f"{R}/dataset/structures.parquet",
         labels=f"{R}/dataset/labels.parquet",

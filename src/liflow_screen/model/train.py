@@ -304,6 +304,8 @@ def train_flow(
     step, best, best_step, since, stopped = 0, float("inf"), 0, 0, False
     history: list[dict[str, Any]] = []
     wall_prev = 0.0
+    best_state: dict[str, Tensor] | None = None
+    best_val_loss = float("nan")
 
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.is_file():
@@ -321,6 +323,7 @@ def train_flow(
         gen.set_state(ck["torch_rng"])
         history = list(st["history"])
         wall_prev = float(st["wall_s"])
+        best_state, best_val_loss = ck.get("best_model"), float(st.get("best", float("nan")))
 
     meta = {"kind": kind, "variant": variant, "prior": prior, "hparams": model.hparams,
             "delta_tau_ps": float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan")))}
@@ -329,11 +332,16 @@ def train_flow(
         _save({
             "format": CKPT_FORMAT, **meta, "train_digest": digest,
             "model": _cpu_state(model), "optimizer": opt.state_dict(),
+            "best_model": best_state,  # so best.pt can be rebuilt if it was removed (e.g. by Snakemake)
             "torch_rng": gen.get_state(),
             "state": {"step": step, "best": best, "best_step": best_step, "since": since, "stopped": stopped,
                       "np_rng": json.dumps(rng.bit_generator.state), "history": history, "wall_s": wall},
             "provenance": provenance(cfg),
         }, last_path)
+
+    def write_best() -> None:
+        _save({"format": CKPT_FORMAT, **meta, "model": best_state, "step": best_step,
+               "val_loss": best_val_loss, "provenance": provenance(cfg)}, best_path)
 
     def write_history(wall: float) -> None:
         write_json_atomic(out_dir / "history.json", {
@@ -365,8 +373,8 @@ def train_flow(
                 improved = vloss < best
                 if improved:
                     best, best_step, since = vloss, step, 0
-                    _save({"format": CKPT_FORMAT, **meta, "model": _cpu_state(model), "step": step,
-                           "val_loss": vloss, "provenance": provenance(cfg)}, best_path)
+                    best_state, best_val_loss = _cpu_state(model), vloss
+                    write_best()
                 else:
                     since += 1
                     stopped = since >= patience
@@ -379,6 +387,8 @@ def train_flow(
                 write_history(wall)
     finally:
         bar.close()
+    if not best_path.is_file() and best_state is not None:
+        write_best()  # resumed after best.pt was removed: restore it from last.pt
     wall = wall_prev + time.perf_counter() - t_start
     session = time.perf_counter() - t_start
     return {

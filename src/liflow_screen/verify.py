@@ -1,0 +1,60 @@
+"""Integrity check of workflow outputs: find corrupt Parquet files so they are rebuilt, not used.
+
+The shallow check reads each file's footer (cheap: detects truncated or overwritten files, the
+common damage after a full disk or an interrupted copy); the deep check decodes every page and the
+schema. Files written by this package are atomic (temp + rename), so a crash alone never leaves one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from . import schema
+from .errors import SchemaError
+
+log = logging.getLogger(__name__)
+
+
+def kind_of(path: Path) -> str | None:
+    """The schema kind of a workflow output by its name, or None for tables without one (analysis)."""
+    name = path.name
+    if name == "manifest.parquet":
+        return "manifest"
+    if name in ("structures.parquet", "status.parquet", "labels.parquet"):
+        return name.removesuffix(".parquet")
+    if name.startswith("frames_T") or name.startswith("part-"):
+        return "frames"
+    return None
+
+
+def check(root: str | Path, deep: bool = False) -> list[tuple[Path, str]]:
+    """(path, reason) for every unreadable Parquet file under ``root``."""
+    bad: list[tuple[Path, str]] = []
+    for f in sorted(Path(root).rglob("*.parquet")):
+        try:
+            pq.read_metadata(f)
+            if deep:
+                kind = kind_of(f)
+                if kind is None:
+                    pq.read_table(f).validate(full=True)
+                else:
+                    schema.verify(f, kind)
+        except SchemaError as exc:
+            bad.append((f, str(exc)))
+        except Exception as exc:  # pyarrow: ArrowInvalid / OSError on damaged files
+            bad.append((f, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+    return bad
+
+
+def quarantine(root: str | Path, deep: bool = False) -> list[Path]:
+    """Move every corrupt Parquet file under ``root`` aside (``<name>.corrupt``) so it gets rebuilt."""
+    moved = []
+    for f, reason in check(root, deep):
+        dest = f.with_name(f.name + ".corrupt")
+        f.replace(dest)
+        log.warning("corrupt output %s (%s): moved to %s; it will be rebuilt", f, reason, dest.name)
+        moved.append(f)
+    return moved

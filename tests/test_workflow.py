@@ -1,0 +1,217 @@
+"""End-to-end: the Snakemake workflow on a tiny config, failure isolation, kill + resume, corruption.
+
+One uninterrupted run (module fixture) is the reference; a second run is killed in the middle of its
+MD stage and started again, and must finish with identical outputs without recomputing finished jobs.
+The input set holds one structure outside the potential's element coverage (Am, Z = 95 > CHGNet's 94):
+its relaxation fails, it is flagged, and every other structure still goes through the whole chain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from conftest import REPO
+from liflow_screen import schema
+
+pytestmark = pytest.mark.slow
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+TINY = """\
+run_name: tiny-e2e
+seed: 1
+structures:
+  source: manifest
+  path: inputs.csv
+  min_width: 5.0
+  test_fraction: 0.2
+  val_fraction: 0.25
+md:
+  potential: chgnet
+  temperatures: [600, 900]
+  timestep_fs: 2.0
+  duration_ps: 0.3
+  save_every: 5
+  relax_steps: 5
+  relax_fmax: 0.2
+  chunk_size: 2
+dataset:
+  delta_tau_ps: 0.1
+train:
+  features: 16
+  radial: 8
+  layers: 1
+  max_steps: 20
+  val_every: 10
+  val_batches: 2
+  batch_size: 4
+  classifier_epochs: 50
+rollout:
+  n_steps: 3
+  n_flow: 3
+  chunk_size: 3
+analysis:
+  kinisi_n_dt: 5
+  kinisi_samples: 200
+"""
+
+
+def _rocksalt(a: float, anion: str) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Li", anion], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def make_project(d: Path) -> Path:
+    """A work folder with CIF inputs, a manifest and the tiny config."""
+    d.mkdir(parents=True, exist_ok=True)
+    cifs = {
+        "LiCl": _rocksalt(5.13, "Cl"), "LiBr": _rocksalt(5.50, "Br"), "LiI": _rocksalt(6.00, "I"),
+        "Li2S": Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.708), ["S", "Li"], [[0, 0, 0], [0.25, 0.25, 0.25]]),
+        "LiAm": _rocksalt(5.60, "Am"),  # Am (Z=95) is outside CHGNet's element coverage
+    }
+    lines = ["id,path"]
+    for name, s in cifs.items():
+        (d / f"{name}.cif").write_text(s.to(fmt="cif"))
+        lines.append(f"{name},{name}.cif")
+    (d / "inputs.csv").write_text("\n".join(lines) + "\n")
+    (d / "tiny.yaml").write_text(TINY)
+    return d
+
+
+def snakemake(d: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(d), "--configfile", str(d / "tiny.yaml"),
+           "--cores", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    d = make_project(tmp_path_factory.mktemp("wf_ref"))
+    t0 = time.perf_counter()
+    proc = snakemake(d)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return d, time.perf_counter() - t0
+
+
+def _tables(d: Path) -> dict[str, object]:
+    """Every data output, without provenance metadata (which holds wall times and dates)."""
+    out: dict[str, object] = {}
+    res = d / "results"
+    for f in sorted(res.rglob("*.parquet")):
+        rel = str(f.relative_to(res))
+        t = pq.read_table(f)
+        drop = [c for c in ("wall_s",) if c in t.column_names]
+        out[rel] = t.drop(drop).replace_schema_metadata(None)
+    for f in sorted((res / "reports").glob("*.csv")):
+        out[str(f.relative_to(res))] = f.read_text()
+    return out
+
+
+def test_end_to_end_outputs(reference_run):
+    d, wall = reference_run
+    res = d / "results"
+    manifest = schema.read_df(res / "structures" / "manifest.parquet", "manifest")
+    assert sorted(manifest["id"]) == ["Li2S", "LiAm", "LiBr", "LiCl", "LiI"]
+    # the failing structure is isolated: status rows say why, everything else completed
+    status = schema.read_df(res / "dataset" / "status.parquet", "status")
+    am = status[status["id"] == "LiAm"]
+    assert len(am) == 2 and set(am["status"]) == {"relax_failed"}
+    assert set(status.loc[status["id"] != "LiAm", "status"]) == {"ok"}
+    labels = schema.read_df(res / "dataset" / "labels.parquet", "labels")
+    assert len(labels) == 8 and np.isfinite(labels["msd_li"]).all()
+    # frames: unwrapped float32, 31 frames of 10 fs per trajectory, Δτ pairs exist
+    ds = schema.open_frames(res / "dataset" / "frames")
+    pos, times = schema.read_trajectory(ds, "LiCl", 900)
+    assert pos.dtype == np.float32 and pos.shape == (31, 8, 3)
+    np.testing.assert_allclose(np.diff(times), 0.01, atol=1e-6)
+    # rollouts for every structure that relaxed, in the frame schema, n_steps + 1 frames
+    rstat = pd.concat([schema.read_df(f, "status") for f in sorted((res / "rollout" / "adaptive").glob("*/status.parquet"))])
+    ok = rstat[rstat["status"] == "ok"]
+    assert sorted(set(ok["id"])) == ["Li2S", "LiBr", "LiCl", "LiI"]
+    assert (ok["n_frames"] == 4).all()
+    assert set(rstat.loc[rstat["id"] == "LiAm", "status"]) == {"relax_failed"}
+    # reports
+    ranking = pd.read_csv(res / "reports" / "ranking.csv")
+    assert {"Li2S", "LiBr", "LiCl", "LiI"} <= set(ranking["id"])
+    sig = ranking["sigma_300K_S_cm"].to_numpy()
+    finite = sig[np.isfinite(sig)]
+    assert (np.diff(finite) <= 0).all(), "ranking must be sorted by predicted conductivity"
+    metrics = pd.read_csv(res / "reports" / "metrics.csv")
+    assert sorted(metrics["temperature"]) == [600, 900] and set(metrics["model"]) == {"adaptive"}
+    assert (res / "reports" / "parity" / "parity_600K.png").stat().st_size > 1000
+    prov = schema.read_provenance(res / "dataset" / "labels.parquet")
+    assert prov["config"]["run_name"] == "tiny-e2e" and "chgnet" in prov["versions"]
+    for rule_log in ("structures.log", "dataset.log", "report.log"):
+        assert (d / "logs" / rule_log).exists()
+    # nothing left to do
+    dry = snakemake(d, "-n")
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_kill_and_resume_identical_without_recompute(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    d = make_project(tmp_path / "wf_kill")
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(d), "--configfile", str(d / "tiny.yaml"), "--cores", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = d / "results" / "md" / "chunk_00000" / "status.parquet"
+    deadline = time.time() + 600
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert first.exists() and proc.poll() is None, "the run ended before it could be killed mid-way"
+    time.sleep(3)  # into the next MD chunk
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (d / "results" / "reports" / "ranking.csv").exists()
+    done_mtime = first.stat().st_mtime_ns
+    again = snakemake(d)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert first.stat().st_mtime_ns == done_mtime, "a finished MD chunk was recomputed"
+    assert "chunk_00000" not in " ".join(l for l in again.stdout.splitlines() + again.stderr.splitlines()
+                                         if "rule md:" in l or "wildcards: chunk=00000" in l)
+    ref, got = _tables(ref_dir), _tables(d)
+    assert sorted(ref) == sorted(got)
+    for k in ref:
+        if isinstance(ref[k], str):
+            assert ref[k] == got[k], k
+        else:
+            assert ref[k].equals(got[k]), k
+
+
+def test_corrupt_intermediate_is_detected_and_rebuilt(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    import shutil
+
+    d = tmp_path / "wf_corrupt"
+    shutil.copytree(ref_dir, d, symlinks=True)
+    target = d / "results" / "md" / "chunk_00001" / "frames_T900.parquet"
+    blob = target.read_bytes()
+    target.write_bytes(blob[: len(blob) // 3])  # truncated by a crashed copy / full disk
+    # the consumer stops with a one-line error naming the file instead of using it
+    out = subprocess.run([str(Path(sys.executable).parent / "liflow-screen"), "dataset", "--config",
+                          str(d / "results" / "config.resolved.yaml"), "--manifest",
+                          str(d / "results" / "structures" / "manifest.parquet"), "--md-root", str(d / "results" / "md"),
+                          "--out-dir", str(tmp_path / "ds")], capture_output=True, text=True, cwd=d)
+    assert out.returncode == 2 and "frames_T900.parquet" in out.stderr and "unreadable" in out.stderr
+    # `liflow-screen verify` reports it (exit 1)
+    check = subprocess.run([str(Path(sys.executable).parent / "liflow-screen"), "verify", "--config",
+                            str(d / "results" / "config.resolved.yaml"), "--results", str(d / "results")],
+                           capture_output=True, text=True, cwd=d)
+    assert check.returncode == 1 and "frames_T900.parquet" in check.stdout
+    # a dry run reports nothing changed and touches no file
+    assert snakemake(d, "-n").returncode == 0 and target.stat().st_size == len(blob) // 3
+    # a real run moves it aside, rebuilds that chunk and everything downstream, identically
+    again = snakemake(d)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "corrupt" in again.stderr and (target.parent / (target.name + ".corrupt")).exists()
+    assert pq.read_table(target).equals(pq.read_table(ref_dir / "results" / "md" / "chunk_00001" / "frames_T900.parquet"))
+    ref = pd.read_csv(ref_dir / "results" / "reports" / "ranking.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(d / "results" / "reports" / "ranking.csv"), ref)
