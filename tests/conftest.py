@@ -20,3 +20,15 @@ def default_cfg():
     from liflow_screen import config
 
     return config.validate({})
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (small graphs on a shared 2-core machine:
+    a second thread only spin-waits and makes small steps ~10x slower under load); restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

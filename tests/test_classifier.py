@@ -9,14 +9,9 @@ import torch
 from liflow_screen.errors import InputError
 from liflow_screen.model.classifier import SINGLE_CLASS, PriorSelector
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (tiny full-batch MLP; two threads only spin-wait on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def _synthetic(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:

@@ -16,20 +16,13 @@ from liflow_screen import config, md, schema
 from liflow_screen import potentials as P
 from liflow_screen.geometry import mic_displacements
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class Killed(BaseException):
     """Simulates the job being killed (not an Exception: nothing may swallow it)."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small graphs on a shared 2-core machine: intra-op threads only add contention."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,9 @@ from ase.build import bulk
 from liflow_screen import potentials as P
 from liflow_screen.errors import InputError, LiflowError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small graphs on a shared 2-core machine: intra-op threads only add contention."""
-    import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

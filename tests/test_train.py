@@ -14,17 +14,11 @@ from liflow_screen.errors import ConfigError, InputError
 from liflow_screen.model.graph import make_batch
 from liflow_screen.model.priors import prior_sigma, sample_prior
 from liflow_screen.model.train import (
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
     ListPairSource, Pair, build_batch, flow_loss, flow_meta, load_flow, prior_sigma_for, train_flow,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine two OpenMP threads spin-wait and a
-    small training step gets ~10x slower under load. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 A = 4.03  # Å, rock-salt LiF conventional cell (8 atoms); the test crystal is its 2x1x1 supercell

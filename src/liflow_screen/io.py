@@ -78,3 +78,24 @@ def provenance(config: Any, **extra: Any) -> dict[str, Any]:
     }
     rec.update(extra)
     return rec
+
+
+def load_torch_file(path: str | os.PathLike[str], fmt: str, what: str) -> dict[str, Any]:
+    """Load a torch file written by this package (weights only) and check its ``format`` tag.
+
+    A missing, unreadable or foreign file is an InputError naming ``what`` and the path.
+    """
+    import torch
+
+    from .errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} file not found: {p}")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means a bad file
+        raise InputError(f"cannot read {what} file {p}: {type(exc).__name__}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise InputError(f"{p} is not a {what} file (format {fmt})")
+    return blob

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..io import atomic_path, provenance
+from ..io import atomic_path, load_torch_file, provenance
 
 GROUPS: tuple[str, ...] = ("li", "frame")
 FORMAT = "liflow-prior-selector/1"
@@ -287,15 +287,7 @@ class PriorSelector:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PriorSelector":
         """Read a file written by :meth:`save`."""
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"prior selector file not found: {p}")
-        try:
-            blob = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise InputError(f"cannot read prior selector file {p}: {type(exc).__name__}") from exc
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise InputError(f"{p} is not a prior selector file (format {FORMAT})")
+        blob = load_torch_file(path, FORMAT, "prior selector")
         models: dict[str, GroupClassifier] = {}
         for g, rec in blob["groups"].items():
             m = GroupClassifier(rec["in_dim"], rec["hidden"])

@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
-from ..io import atomic_path, config_digest, provenance, write_json_atomic
+from ..io import atomic_path, config_digest, load_torch_file, provenance, write_json_atomic
 from .graph import GraphBatch, make_batch
 from .painn import FlowModel
 from .priors import prior_sigma, sample_prior, select_scales
@@ -401,16 +401,7 @@ def train_flow(
 
 # --------------------------------------------------------------------------- loading
 def _load_ckpt(path: Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"flow model checkpoint not found: {p}")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(f"cannot read flow model checkpoint {p}: {type(exc).__name__}") from exc
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise InputError(f"{p} is not a LiFlow flow-model checkpoint ({CKPT_FORMAT})")
-    return ck
+    return load_torch_file(path, CKPT_FORMAT, "LiFlow flow-model checkpoint")
 
 
 def flow_meta(path: str | Path) -> dict[str, Any]:

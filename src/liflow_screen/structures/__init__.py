@@ -112,9 +112,11 @@ def build_manifest(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[Rejection], 
     df = df.assign(_o=df["split"].map(order)).sort_values(["_o", "n_atoms_supercell", "id"]).drop(columns="_o")
     df = df.reset_index(drop=True)
     run_md = df["split"].isin(md["splits"])
-    if md["max_structures"]:
+    cap = md["max_structures"]
+    if cap is not None:
         rank = df.groupby("split").cumcount()
-        run_md &= rank < md["max_structures"]
+        limit = df["split"].map(lambda s: cap.get(s, len(df)) if isinstance(cap, dict) else cap)
+        run_md &= rank < limit
     df["run_md"] = run_md.to_numpy()
     df["chunk"] = (np.arange(len(df)) // md["chunk_size"]).astype(np.int32)
     return df, rejected, extra
