@@ -79,6 +79,12 @@ def test_manifest_split_no_composition_in_two_splits(default_cfg):
     assert df["chunk"].max() == (len(df) - 1) // default_cfg["md"]["chunk_size"]
 
 
+def test_md_cap_per_split_mapping():
+    cfg = config.validate({"md": {"max_structures": {"train": 2, "test": 0}}})
+    df, _, _ = structures.build_manifest(cfg)
+    assert df[df.run_md]["split"].value_counts().to_dict() == {"train": 2, "val": int((df.split == "val").sum())}
+
+
 def test_md_cap_picks_smallest_cells_per_split():
     cfg = config.validate({"md": {"max_structures": 1, "splits": ["train", "test"]}})
     df, _, _ = structures.build_manifest(cfg)

@@ -341,8 +341,9 @@ def compute_ranking(
     rank, id, formula, split, source, n_li, volume_A3, D_pred_<T>K[_low|_high] (cm²/s, kinisi
     median and 95 % interval), E_A_eV[_low|_high], D_<target>K[_low|_high], sigma_<target>K_S_cm
     [_low|_high] (Nernst–Einstein from the relaxed structure's Li density), D_ref_<T>K[_low|_high]
-    where reference MD exists, and flags diverged, extrapolated_temperature,
-    classifier_uncertain. Also returns the Arrhenius fit of each structure (for the plots).
+    where reference MD exists, flags diverged, extrapolated_temperature, classifier_uncertain, and
+    ``status`` (ok | diverged | the reason a structure has no prediction, e.g. a failed relaxation;
+    such structures are listed last). Also returns the Arrhenius fit of each structure (for the plots).
     """
     structs = load_structures(structures_table)
     df = analysis_table
@@ -403,7 +404,23 @@ def compute_ranking(
         row["diverged"] = diverged
         row["extrapolated_temperature"] = bool(fit["extrapolated"])
         row["classifier_uncertain"] = (pd.NA if uncertain is None else bool(uncertain.get(sid, False)))
+        row["status"] = "diverged" if diverged else "ok"
         rows.append(row)
+    # Structures without any generated trajectory (e.g. relaxation failed) still get a row, unranked
+    # by conductivity (NaN) and with the reason, so the CSV accounts for every input structure.
+    seen = {r["id"] for r in rows}
+    for sid in sorted(set(structs.index) - seen):
+        s = structs.loc[sid]
+        reason = "no generated trajectory"
+        if status is not None:
+            st = status[(status["id"] == sid) & (status["source"] == src) & (status["status"] != "ok")]
+            if len(st):
+                reason = f"{st['status'].iloc[0]}: {st['reason'].iloc[0]}"
+        rows.append({"id": sid, "formula": s.get("reduced_formula", ""), "split": s.get("split", ""), "source": src,
+                     "n_li": int(np.sum(np.asarray(s["numbers"]) == 3)), "diverged": False,
+                     "extrapolated_temperature": False,
+                     "classifier_uncertain": pd.NA if uncertain is None else bool(uncertain.get(sid, False)),
+                     "status": reason})
     out = pd.DataFrame(rows)
     if out.empty:
         base = ["rank", "id", "formula", "split", "source", "n_li", "volume_A3", "E_A_eV", "E_A_eV_low",
