@@ -43,6 +43,7 @@ ANALYSIS_COLUMNS = (
     "D_li", "D_li_low", "D_li_high", "D_method", "D_note",
     "rdf", "rdf_r_max", "status", "stable",
 )
+NUMERIC_COLUMNS = ("duration_ps", "msd_li", "msd_frame", "D_li", "D_li_low", "D_li_high", "rdf_r_max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +96,10 @@ def read_analysis(paths: pd.DataFrame | str | os.PathLike[str] | Sequence[str | 
     missing = [c for c in ANALYSIS_COLUMNS if c not in df.columns]
     if missing:
         raise SchemaError(f"analysis table is missing columns: {', '.join(missing)}")
+    # all-null columns of one chunk concatenate to object dtype: restore floats
+    df = df.copy()
+    for c in NUMERIC_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     dup = df.duplicated(["id", "temperature", "source"])
     if dup.any():
         r = df[dup].iloc[0]
@@ -341,7 +346,8 @@ def compute_ranking(
     rank, id, formula, split, source, n_li, volume_A3, D_pred_<T>K[_low|_high] (cm²/s, kinisi
     median and 95 % interval), E_A_eV[_low|_high], D_<target>K[_low|_high], sigma_<target>K_S_cm
     [_low|_high] (Nernst–Einstein from the relaxed structure's Li density), D_ref_<T>K[_low|_high]
-    where reference MD exists, flags diverged, extrapolated_temperature, classifier_uncertain, and
+    where reference MD exists, flags diverged, extrapolated_temperature, classifier_uncertain,
+    non_arrhenius (E_A <= 0: no extrapolation, σ left empty), and
     ``status`` (ok | diverged | the reason a structure has no prediction, e.g. a failed relaxation;
     such structures are listed last). Also returns the Arrhenius fit of each structure (for the plots).
     """
@@ -387,7 +393,14 @@ def compute_ranking(
         row.update({"E_A_eV": fit["E_A"], "E_A_eV_low": fit["E_A_low"], "E_A_eV_high": fit["E_A_high"],
                     "arrhenius_n_T": fit["n_points"], f"D_{tgt}": fit["D_target"],
                     f"D_{tgt}_low": fit["D_target_low"], f"D_{tgt}_high": fit["D_target_high"]})
-        for key, dval in (("", fit["D_target"]), ("_low", fit["D_target_low"]), ("_high", fit["D_target_high"])):
+        # A non-positive activation energy (D falling with T) is not thermally activated diffusion:
+        # extrapolating it to target_T would rank noise first, so no D(target_T) / σ is given.
+        non_arrhenius = bool(np.isfinite(fit["E_A"]) and fit["E_A"] <= 0)
+        if non_arrhenius:
+            for key in ("", "_low", "_high"):
+                row[f"D_{tgt}{key}"] = math.nan
+        row["non_arrhenius"] = non_arrhenius
+        for key, dval in (("", row[f"D_{tgt}"]), ("_low", row[f"D_{tgt}_low"]), ("_high", row[f"D_{tgt}_high"])):
             row[f"sigma_{tgt}_S_cm{key}"] = (an.nernst_einstein_conductivity(dval, n_li, volume, target_T)
                                              if np.isfinite(dval) else math.nan)
         rs = ref[ref["id"] == sid].set_index("temperature")
@@ -404,7 +417,8 @@ def compute_ranking(
         row["diverged"] = diverged
         row["extrapolated_temperature"] = bool(fit["extrapolated"])
         row["classifier_uncertain"] = (pd.NA if uncertain is None else bool(uncertain.get(sid, False)))
-        row["status"] = "diverged" if diverged else "ok"
+        row["status"] = ("diverged" if diverged else
+                         f"non-Arrhenius (E_A = {fit['E_A']:.3f} eV <= 0)" if non_arrhenius else "ok")
         rows.append(row)
     # Structures without any generated trajectory (e.g. relaxation failed) still get a row, unranked
     # by conductivity (NaN) and with the reason, so the CSV accounts for every input structure.
@@ -417,7 +431,7 @@ def compute_ranking(
             if len(st):
                 reason = f"{st['status'].iloc[0]}: {st['reason'].iloc[0]}"
         rows.append({"id": sid, "formula": s.get("reduced_formula", ""), "split": s.get("split", ""), "source": src,
-                     "n_li": int(np.sum(np.asarray(s["numbers"]) == 3)), "diverged": False,
+                     "n_li": int(np.sum(np.asarray(s["numbers"]) == 3)), "diverged": False, "non_arrhenius": False,
                      "extrapolated_temperature": False,
                      "classifier_uncertain": pd.NA if uncertain is None else bool(uncertain.get(sid, False)),
                      "status": reason})
@@ -425,7 +439,7 @@ def compute_ranking(
     if out.empty:
         base = ["rank", "id", "formula", "split", "source", "n_li", "volume_A3", "E_A_eV", "E_A_eV_low",
                 "E_A_eV_high", "arrhenius_n_T", f"D_{tgt}", f"D_{tgt}_low", f"D_{tgt}_high", f"sigma_{tgt}_S_cm",
-                f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high", "diverged", "extrapolated_temperature",
+                f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high", "diverged", "non_arrhenius", "extrapolated_temperature",
                 "classifier_uncertain"]
         return pd.DataFrame(columns=base), fits
     out["classifier_uncertain"] = out["classifier_uncertain"].astype("boolean")
