@@ -14,10 +14,10 @@ from liflow_screen.errors import ConfigError, InputError
 from liflow_screen.model.graph import make_batch
 from liflow_screen.model.priors import prior_sigma, sample_prior
 from liflow_screen.model.train import (
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
     ListPairSource, Pair, build_batch, flow_loss, flow_meta, load_flow, prior_sigma_for, train_flow,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -521,7 +521,7 @@ def arrhenius_plots(ranking: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]]
 
     paths = []
     df = analysis_table
-    for r in ranking.head(int(top_n)).itertuples(index=False):
+    for r in ranking[ranking["id"].isin(fits)].head(int(top_n)).itertuples(index=False):
         fit = fits[r.id]
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
         sources = [(r.source, "o", "C0")] + ([(MD_SOURCE, "s", "C3")] if r.source != MD_SOURCE else [])
