@@ -36,6 +36,13 @@ R = CFG["results_dir"]
 TEMPS = [int(round(t)) for t in CFG["md"]["temperatures"]]
 ROLL_TEMPS = [int(round(t)) for t in _lcfg.rollout_temperatures(CFG)]
 VARIANTS = CFG["train"]["variants"]
+# Rollout variants: every trained Propagator, plus "<name>-noC" (no Corrector) when ablated.
+NO_CORRECTOR = "-noC"
+ROLL_VARIANTS = VARIANTS + (
+    [v + NO_CORRECTOR for v in VARIANTS if v != "regressor"]
+    if CFG["rollout"]["ablate_corrector"] and CFG["rollout"]["corrector"]
+    else []
+)
 
 # The resolved config every rule reads; rewritten only when it changes so mtimes stay put.
 RUNCFG = f"{R}/config.resolved.yaml"

@@ -266,7 +266,9 @@ def test_paper_config_dag_is_chunked(tmp_path):
     n_md = -(-n // cfg["md"]["chunk_size"])
     n_roll = -(-n // cfg["rollout"]["chunk_size"])
     assert counts["md"] == n_md and counts["analyze_reference"] == n_md
-    assert counts["rollout"] == n_roll * len(cfg["train"]["variants"])
+    variants = cfg["train"]["variants"]
+    no_c = [v for v in variants if v != "regressor"] if cfg["rollout"]["ablate_corrector"] else []
+    assert counts["rollout"] == n_roll * (len(variants) + len(no_c)) and counts["analyze_rollout"] == counts["rollout"]
     assert counts["dataset"] == 1 and counts["report"] == 1 and counts["train_propagator"] == 4
     # the SLURM profile validates and plans the same DAG (conda is replaced by env-modules here only
     # because this machine has no conda executable; the profile itself asks for conda)

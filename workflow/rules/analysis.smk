@@ -38,7 +38,7 @@ rule analyze_rollout:
         frames=lambda w, input: os.path.dirname(input.status),
     wildcard_constraints:
         chunk=r"\d{5}",
-        variant="|".join(VARIANTS),
+        variant="|".join(sorted(ROLL_VARIANTS, key=len, reverse=True)),
     log:
         "logs/analysis/{variant}/chunk_{chunk}.log",
     conda:

@@ -30,12 +30,17 @@ def section(name):
 
 
 def _uses_corrector(variant):
-    return CFG["rollout"]["corrector"] and variant != "regressor"
+    return CFG["rollout"]["corrector"] and variant != "regressor" and not variant.endswith(NO_CORRECTOR)
+
+
+def propagator_variant(variant):
+    """The trained Propagator a rollout variant uses ("adaptive-noC" -> "adaptive")."""
+    return variant.removesuffix(NO_CORRECTOR)
 
 
 def report_analysis_inputs(wildcards):
     ref = [f"{R}/analysis/md/chunk_{chunk_str(k)}.parquet" for k in md_chunks()]
-    gen = [f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet" for v in VARIANTS for k in rollout_chunks()]
+    gen = [f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet" for v in ROLL_VARIANTS for k in rollout_chunks()]
     return ref + gen
 
 

@@ -3,7 +3,7 @@ rule rollout:
         manifest=f"{R}/structures/manifest.parquet",
         structures=f"{R}/dataset/structures.parquet",
         selector=f"{R}/train/selector.pt",
-        propagator=f"{R}/train/propagator_{{variant}}/best.pt",
+        propagator=lambda w: f"{R}/train/propagator_{propagator_variant(w.variant)}/best.pt",
         corrector=lambda w: [f"{R}/train/corrector/best.pt"] if _uses_corrector(w.variant) else [],
     output:
         status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
@@ -16,7 +16,7 @@ rule rollout:
         out_dir=lambda w, output: os.path.dirname(output.status),
     wildcard_constraints:
         chunk=r"\d{5}",
-        variant="|".join(VARIANTS),
+        variant="|".join(sorted(ROLL_VARIANTS, key=len, reverse=True)),
     log:
         "logs/rollout/{variant}/chunk_{chunk}.log",
     conda:
