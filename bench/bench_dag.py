@@ -42,7 +42,7 @@ def dry_run(results_dir: Path, configfile: Path, extra: list[str] | None = None)
     cmd = [str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "8", "--configfile", str(configfile),
            "--config", f"results_dir={results_dir}", "--quiet", "rules", *(extra or [])]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
