@@ -186,8 +186,8 @@ def _verify(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     for f, reason in bad:
         print(f"corrupt: {f}: {reason}")
     if ns.delete:
-        for f, _ in bad:
-            f.replace(f.with_name(f.name + ".corrupt"))
+        for f, reason in bad:
+            verify.move_aside(f, reason)
     if bad:
         raise SystemExit(1)
     print(f"ok: no corrupt Parquet files under {root}")

@@ -42,16 +42,6 @@ def frames_file(chunk_dir: str | Path, temperature: float) -> Path:
     return Path(chunk_dir) / f"frames_T{int(round(temperature))}.parquet"
 
 
-def positions_array(table: pa.Table) -> np.ndarray:
-    """Flattened ``positions`` list column of a frames table -> (rows, n*3) float32 (one structure)."""
-    col = table.column("positions").combine_chunks()
-    lengths = pc.list_value_length(col).to_numpy()
-    if len(lengths) and (lengths != lengths[0]).any():
-        raise SchemaError("frames of one trajectory have different atom counts")
-    values = col.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(lengths), -1).astype(np.float32, copy=False)
-
-
 def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict[str, float]:
     """MSD (Å²) at the last frame from frame 0 (Eq. 12) and MSD/τ (Å²/ps) for Li and frame atoms.
 
@@ -113,7 +103,7 @@ def build(cfg: dict[str, Any], manifest_path: str | Path, md_root: str | Path, o
                 n_frames += part.num_rows
             for sid in sorted(ok_ids):
                 sub = table.filter(pc.equal(table.column("id"), sid)).sort_by("frame")
-                pos = positions_array(sub).reshape(sub.num_rows, -1, 3)
+                pos = schema.positions_array(sub)
                 try:
                     lab = msd_labels(pos, numbers[sid] == 3, sub.column("time_ps").to_numpy())
                 except SchemaError as exc:
@@ -168,7 +158,9 @@ def load_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> list[Tr
                     sub = table.filter(pc.equal(table.column("id"), sid)).sort_by("frame")
                     row = st.loc[sid]
                     numbers = np.asarray(row["numbers"], dtype=np.int64)
-                    pos = positions_array(sub).reshape(sub.num_rows, len(numbers), 3)
+                    pos = schema.positions_array(sub)
+                    if pos.shape[1] != len(numbers):
+                        raise SchemaError(f"{f}: {sid} has {pos.shape[1]} atoms in its frames, {len(numbers)} in structures.parquet")
                     out.append(Trajectory(sid, row["reduced_formula"], float(T), numbers,
                                           np.asarray(row["cell"], dtype=np.float64).reshape(3, 3), pos))
     return out

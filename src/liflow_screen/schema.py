@@ -263,9 +263,21 @@ def open_frames(root: str | Path) -> pads.Dataset:
         filesystem=pafs.LocalFileSystem(), partitions=[pc.field("temperature") == pa.scalar(t, pa.int32()) for t in temps])
 
 
+def positions_array(table: pa.Table) -> "np.ndarray":
+    """The ``positions`` list column of one trajectory's frames -> (frames, n, 3) float32 Å."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    col = table.column("positions").combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy()
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise SchemaError("frames of one trajectory have different atom counts")
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(len(lengths), -1, 3)
+
+
 def read_trajectory(dataset: pads.Dataset, sid: str, temperature: float, source: str | None = None):
     """Positions (F, n, 3) float32 Å and times (F,) ps of one trajectory, frames in order."""
-    import numpy as np
     import pyarrow.compute as pc
 
     filt = (pc.field("id") == sid) & (pc.field("temperature") == int(round(temperature)))
@@ -274,7 +286,4 @@ def read_trajectory(dataset: pads.Dataset, sid: str, temperature: float, source:
     t = dataset.to_table(columns=["frame", "time_ps", "positions"], filter=filt).sort_by("frame")
     if t.num_rows == 0:
         raise SchemaError(f"no frames for structure {sid!r} at {temperature:g} K")
-    flat = t.column("positions").combine_chunks()
-    values = flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    pos = values.reshape(t.num_rows, -1, 3)
-    return pos, t.column("time_ps").to_numpy()
+    return positions_array(t), t.column("time_ps").to_numpy()

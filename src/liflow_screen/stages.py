@@ -6,8 +6,10 @@ Units: Å, ps, K. Every output is written atomically with provenance.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ def _desc_matrix(structs: pd.DataFrame, ids: list[str], col: str) -> np.ndarray:
     return out
 
 
-def _selector_inputs(structs: pd.DataFrame, ids: list[str], temps: np.ndarray) -> dict[str, np.ndarray]:
+def _selector_inputs(structs: pd.DataFrame, ids: list[str]) -> dict[str, np.ndarray]:
     return {"li": _desc_matrix(structs, ids, "desc_li"), "frame": _desc_matrix(structs, ids, "desc_frame")}
 
 
@@ -63,7 +65,7 @@ def train_selector(cfg: dict[str, Any], dataset_dir: str | Path, out: str | Path
             return None
         ids = sub["id"].tolist()
         temps = sub["temperature"].to_numpy(dtype=np.float64)
-        return (_selector_inputs(structs, ids, temps), temps,
+        return (_selector_inputs(structs, ids), temps,
                 {"li": sub["slow_li"].to_numpy(bool), "frame": sub["slow_frame"].to_numpy(bool)})
 
     train, val, test = arrays("train"), arrays("val"), arrays("test")
@@ -97,7 +99,7 @@ def selector_predictions(selector_path: str | Path, structs: pd.DataFrame, pairs
     ids = [p[0] for p in pairs]
     temps = np.array([p[1] for p in pairs], dtype=np.float64)
     st = structs if structs.index.name == "id" else structs.set_index("id")
-    x = _selector_inputs(st, ids, temps)
+    x = _selector_inputs(st, ids)
     out = pd.DataFrame({"id": ids, "temperature": [int(round(t)) for t in temps]})
     for g in GROUPS:
         out[f"p_slow_{g}"] = sel.predict_proba(g, x[g], temps)
@@ -145,8 +147,6 @@ def train_model(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant
 
 def dataset_fingerprint(root: str | Path) -> str:
     """Identity of a dataset for resuming: label / structure table bytes, frame files' names, sizes, mtimes."""
-    import hashlib
-
     root = Path(root)
     h = hashlib.sha256()
     for name in ("labels.parquet", "structures.parquet"):
@@ -168,8 +168,6 @@ def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, 
     from .model.train import _RESUMABLE_KEYS
 
     sel = Path(selector).read_bytes() if (selector and kind == "propagator" and variant == "adaptive") else b""
-    import hashlib
-
     stamp = config_digest({
         "data": dataset_fingerprint(dataset_dir), "selector": hashlib.sha256(sel).hexdigest()[:16],
         "train": {k: v for k, v in cfg["train"].items() if k not in _RESUMABLE_KEYS},
@@ -275,6 +273,4 @@ def rollout_chunk(cfg: dict[str, Any], manifest_path: str | Path, dataset_dir: s
 
 def hash_id(sid: str) -> int:
     """Stable (process-independent) 31-bit hash of a structure id, for seeding."""
-    import zlib
-
     return zlib.crc32(sid.encode()) & 0x7FFFFFFF

@@ -49,12 +49,17 @@ def check(root: str | Path, deep: bool = False) -> list[tuple[Path, str]]:
     return bad
 
 
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename a corrupt file to ``<name>.corrupt`` (kept for inspection; the workflow rebuilds the original)."""
+    dest = path.with_name(path.name + ".corrupt")
+    path.replace(dest)
+    log.warning("corrupt output %s (%s): moved to %s; it will be rebuilt", path, reason, dest.name)
+    return dest
+
+
 def quarantine(root: str | Path, deep: bool = False) -> list[Path]:
-    """Move every corrupt Parquet file under ``root`` aside (``<name>.corrupt``) so it gets rebuilt."""
-    moved = []
-    for f, reason in check(root, deep):
-        dest = f.with_name(f.name + ".corrupt")
-        f.replace(dest)
-        log.warning("corrupt output %s (%s): moved to %s; it will be rebuilt", f, reason, dest.name)
-        moved.append(f)
-    return moved
+    """Move every corrupt Parquet file under ``root`` aside so it gets rebuilt; returns their paths."""
+    bad = check(root, deep)
+    for f, reason in bad:
+        move_aside(f, reason)
+    return [f for f, _ in bad]
