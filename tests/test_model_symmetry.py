@@ -51,9 +51,10 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
 
 def test_default_size_and_nontrivial_output(model: FlowModel) -> None:
     big = FlowModel()
-    assert big.hparams == dict(features=64, radial=20, layers=3, cutoff=5.0, offset=0.5, max_z=100, seed=0,
-                              avg_neighbors=32.0)
-    assert 170_000 < big.n_parameters() < 180_000  # paper: about 175 k (this: 176,324)
+    assert big.hparams == dict(features=64, radial=20, layers=3, cutoff=5.0, offset=0.5, n_elements=101,
+                              ref_temp=1000.0, seed=0)
+    # the published models: 77 element rows, 174,788 parameters (paper: about 175 k)
+    assert FlowModel(n_elements=77).n_parameters() == 174_788
     assert FlowModel(**big.hparams).n_parameters() == big.n_parameters()
     g, d = two_graphs(0)
     out = run(model, g, d)
@@ -202,7 +203,7 @@ def test_select_scales_and_sampling() -> None:
 def test_backward_reaches_every_parameter() -> None:
     """Training path: autograd through the chunked in-place message passing, cond built with grad."""
     m = FlowModel(features=16, radial=8, layers=2, seed=1)
-    m.interactions[0].edge_chunk = 64  # force several edge chunks
+    m.messages[0].edge_chunk = 64  # force several edge chunks
     g, d = two_graphs(0)
     out = m(d, torch.tensor([0.1, 0.7]), g)
     (out ** 2).sum().backward()
@@ -210,5 +211,30 @@ def test_backward_reaches_every_parameter() -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     with torch.no_grad():  # chunking does not change the result
-        m.interactions[0].edge_chunk = 10**9
+        m.messages[0].edge_chunk = 10**9
         np.testing.assert_allclose(m(d, torch.tensor([0.1, 0.7]), g).numpy(), out.detach().numpy(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- cutoff continuity
+def pair_output(model: FlowModel, r: float, d: torch.Tensor) -> torch.Tensor:
+    """Field on a Li-O pair r Å apart (plus a far spectator S) in a 14 Å cube: one edge pair."""
+    pos = np.array([[1.0, 1.0, 1.0], [1.0 + r, 1.0, 1.0], [8.0, 8.0, 8.0]])
+    g = make_batch([np.array([3, 8, 16])], [pos], [np.eye(3) * 14.0], [900.0])
+    return run(model, g, d)
+
+
+@pytest.mark.parametrize("r_cross", [5.0, 4.5])
+def test_output_continuous_across_cutoff(model: FlowModel, r_cross: float) -> None:
+    """As one neighbour moves across the radius-graph cutoff (5 Å) or the end of the shifted radial
+    input (cutoff - offset = 4.5 Å), the field changes continuously: the jump -> 0 with the step.
+    (A filter bias added on every edge regardless of length jumps by ~|b| at 5 Å.)"""
+    d = torch.as_tensor(np.random.default_rng(4).normal(0, 0.02, (3, 3)), dtype=torch.float32)
+    scale = pair_output(model, r_cross - 0.6, d).abs().max()
+    jumps = []
+    for eps in (1e-2, 1e-3, 1e-4):
+        jumps.append((pair_output(model, r_cross + eps, d) - pair_output(model, r_cross - eps, d)).abs().max().item())
+    assert jumps[-1] <= 1e-5 * scale.item() + 1e-7, jumps
+    assert jumps[0] >= jumps[1] >= jumps[2], jumps
+    # and the neighbour does interact inside the cutoff (the test can fail)
+    far = pair_output(model, 6.0, d)
+    assert (pair_output(model, 3.0, d) - far).abs().max() > 1e-3

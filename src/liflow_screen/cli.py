@@ -112,6 +112,41 @@ def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     stages.train_model(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps)
 
 
+def _args_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=["propagator", "corrector"], default=None,
+                   help="import the config's pretrained.<kind> (resolved: explicit path, cache, download)")
+    p.add_argument("--name", default=None, help="a published model (P_universal, C_universal, P_LGPS, ...)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a Lightning .ckpt file to import")
+    p.add_argument("--element-index", type=Path, default=None, help="the dataset's element_index.npy")
+    p.add_argument("--delta-tau-ps", type=float, default=None, help="Δτ of the model, ps (known for published files)")
+    p.add_argument("--out", required=True, type=Path, help="flow-model checkpoint (.pt) to write")
+
+
+@command("import-model", "import a published LiFlow checkpoint into this project's model format", _args_import)
+def _import_model(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from .model import published
+
+    pc = cfg["pretrained"]
+    name, explicit = ns.name, ns.checkpoint
+    if ns.kind is not None:
+        name = name or pc[ns.kind]
+        explicit = explicit or pc[f"{ns.kind}_path"]
+        if name is None and explicit is None:
+            raise LiflowError(f"config key pretrained.{ns.kind} is not set: nothing to import")
+    if name is None and explicit is None:
+        raise LiflowError("give --kind, --name or --checkpoint")
+    src = explicit if name is None else published.resolve_published(
+        name, explicit, download=bool(pc["download"]), base_url=pc["base_url"])
+    element_index = ns.element_index or pc["element_index"]
+    meta = published.import_checkpoint(src, ns.out, element_index=element_index, delta_tau_ps=ns.delta_tau_ps,
+                                       config=cfg)
+    if ns.kind is not None and meta["kind"] != ns.kind:
+        ns.out.unlink(missing_ok=True)
+        raise LiflowError(f"pretrained.{ns.kind} resolves to a {meta['kind']} checkpoint ({src})")
+    log.info("imported %s -> %s: %s, prior %s, Δτ %s ps, elements %s", src, ns.out, meta["kind"], meta["prior"],
+             meta["delta_tau_ps"], meta["imported_from"]["elements_covered"])
+
+
 def _args_rollout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--dataset", required=True, type=Path)
@@ -222,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if ns.threads:
         os.environ["OMP_NUM_THREADS"] = str(ns.threads)
-        if "torch" in sys.modules or ns.command in ("md", "train", "rollout", "train-selector", "analyze"):
+        if "torch" in sys.modules or ns.command in ("md", "train", "rollout", "train-selector", "analyze",
+                                                    "import-model"):
             import torch
 
             torch.set_num_threads(ns.threads)

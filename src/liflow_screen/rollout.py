@@ -19,6 +19,7 @@ Positions are never wrapped (unwrapped Cartesian, Å).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,14 +86,49 @@ def _draw(sigma: Tensor, ptr: list[int], gens: list[torch.Generator]) -> Tensor:
     return torch.cat([sample_prior(sigma[lo:hi], gen) for lo, hi, gen in zip(ptr[:-1], ptr[1:], gens)])
 
 
-def _integrate(model: FlowModel, g: GraphBatch, d0: Tensor, n_flow: int) -> Tensor:
-    """Euler integration of the model's flow from D_0 over t in [0,1] with one cached Conditioning."""
+def integrate_flow(model: FlowModel, g: GraphBatch, d0: Tensor, n_flow: int) -> Tensor:
+    """Euler integration of the model's flow from D_0 (N,3) Å over t = 0, 1/n, ..., (n-1)/n, with
+    one Conditioning of g.pos built for all ``n_flow`` evaluations. Returns D_1 (N,3) Å."""
     cond = model.condition(g)
     d = d0
     t = torch.empty(g.n_graphs, dtype=d0.dtype, device=d0.device)
     for i in range(n_flow):
         d = d + model(d, t.fill_(i / n_flow), g, cond) / n_flow
     return d
+
+
+def remove_com_drift(x_new: Tensor, g: GraphBatch) -> Tensor:
+    """X' - CoM(X') + CoM(X_tau) per graph (masses in amu; X_tau = g.pos), Å."""
+    shift = (center_of_mass(g.pos, g.masses, g.batch, g.n_graphs)
+             - center_of_mass(x_new, g.masses, g.batch, g.n_graphs))
+    return x_new + shift[g.batch]
+
+
+def liflow_step(propagator: FlowModel, corrector: FlowModel | None, g: GraphBatch, d0_prop: Tensor | None,
+                d0_corr: Tensor | None, n_flow: int, regressor: bool = False,
+                max_step_displacement: float = math.inf) -> tuple[Tensor, Tensor]:
+    """One Δτ step of Algorithm 1 from X_tau = g.pos, given the prior draws (N,3) Å.
+
+    Propagator: X~ = X_tau + D with D integrated from ``d0_prop`` (a regressor is called once at
+    D = 0, t = 0 instead); Corrector (if any): conditioned on X~, D_c integrated from ``d0_corr``,
+    X' = X~ + D_c; finally the CoM drift relative to X_tau is removed. Returns (X~, X'), Å.
+    A graph already broken by the Propagator (non-finite, or an atom moved more than
+    ``max_step_displacement`` Å) cannot be conditioned on: its Corrector sees X_tau instead, and
+    the caller rejects the step.
+    """
+    if regressor:
+        cond = propagator.condition(g)
+        d = propagator(torch.zeros_like(g.pos), torch.zeros(g.n_graphs, device=g.pos.device), g, cond)
+    else:
+        d = integrate_flow(propagator, g, d0_prop, n_flow)
+    x_prop = g.pos + d
+    x_new = x_prop
+    if corrector is not None:
+        broken = _graph_any(~torch.isfinite(d).all(-1)
+                            | (torch.linalg.vector_norm(d, dim=-1) > max_step_displacement), g)
+        x_cond = torch.where(broken[g.batch].unsqueeze(-1), g.pos, x_prop)
+        x_new = x_prop + integrate_flow(corrector, g.with_pos(x_cond), d0_corr, n_flow)
+    return x_prop, remove_com_drift(x_new, g)
 
 
 def _graph_any(flags: Tensor, g: GraphBatch) -> Tensor:
@@ -172,25 +208,11 @@ def rollout(
         sub = sub.with_pos(x[atoms])
         ptr = sub.ptr.tolist()
         sub_gens = [gens[k] for k in graphs]
-        if regressor:
-            cond = propagator.condition(sub)
-            zeros = torch.zeros_like(sub.pos)
-            d = propagator(zeros, torch.zeros(sub.n_graphs, device=dev), sub, cond)
-        else:
-            d = _integrate(propagator, sub, _draw(sigma_prop[atoms], ptr, sub_gens), n_flow)
-        x_new = sub.pos + d
-        if corrector is not None:
-            assert sigma_corr is not None
-            dc0 = _draw(sigma_corr[atoms], ptr, sub_gens)
-            # a graph already broken by the Propagator cannot be conditioned on (neighbour list of
-            # NaN / far-flung atoms): condition the Corrector on X_tau instead and keep it failed.
-            broken = _graph_any(~torch.isfinite(d).all(-1)
-                                | (torch.linalg.vector_norm(d, dim=-1) > max_step_displacement), sub)
-            x_cond = torch.where(broken[sub.batch].unsqueeze(-1), sub.pos, x_new)
-            x_new = x_new + _integrate(corrector, sub.with_pos(x_cond), dc0, n_flow)
-        com_shift = (center_of_mass(sub.pos, sub.masses, sub.batch, sub.n_graphs)
-                     - center_of_mass(x_new, sub.masses, sub.batch, sub.n_graphs))
-        return x_new + com_shift[sub.batch], atoms, sub
+        d0_p = None if regressor else _draw(sigma_prop[atoms], ptr, sub_gens)
+        d0_c = _draw(sigma_corr[atoms], ptr, sub_gens) if corrector is not None else None
+        _, x_new = liflow_step(propagator, corrector, sub, d0_p, d0_c, n_flow, regressor=regressor,
+                               max_step_displacement=max_step_displacement)
+        return x_new, atoms, sub
 
     steps = range(n_steps)
     if progress:

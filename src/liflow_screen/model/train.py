@@ -15,7 +15,8 @@ Units: positions and displacements Å, temperature K, flow time t dimensionless 
 Flow matching on the linear path D_t = (1-t) D0 + t D1. The conditional target
 u_t = (D1 - D_t)/(1 - t) equals D1 - D0 exactly for this path, and we use the latter form: no
 division, so no clamping of t near 1 is needed and t ~ U(0, 1) is used as is.
-Loss: mean over atoms and Cartesian components of (v - u)^2 (Å^2 per unit flow time squared).
+Loss: squared error |v - u|^2 summed over Cartesian components, averaged over atoms (Å^2 per unit
+flow time squared), as the reference implementation computes it.
 
 Reproducibility: a numpy Generator draws the batches, a CPU ``torch.Generator`` draws flow times
 and all noise (so the same seed gives the same numbers on CPU and CUDA); both states go into
@@ -50,7 +51,7 @@ PROPAGATOR_VARIANTS = ("adaptive", "uniform", "isotropic", "regressor")
 #: The Corrector always uses a uniform-scale Maxwell–Boltzmann prior; the variant names of the
 #: pipeline ("adaptive" = baseline P_adaptive + C) are accepted and recorded as such.
 CORRECTOR_VARIANTS = ("uniform", "adaptive")
-CKPT_FORMAT = "liflow-flow-checkpoint/1"
+CKPT_FORMAT = "liflow-flow-checkpoint/2"
 #: train.* keys that may change between a run and its resumption (everything else must match).
 _RESUMABLE_KEYS = frozenset({"max_steps", "device", "variants", "classifier_hidden", "classifier_epochs",
                              "classifier_lr"})
@@ -190,15 +191,16 @@ def build_batch(pairs: Sequence[Pair], kind: str, prior: dict[str, Any], gen: to
 
 
 def flow_loss(model: FlowModel, b: FlowBatch, regressor: bool = False) -> Tensor:
-    """CFM loss on one batch: mean of (v(D_t, t) - (D1 - D0))^2; regressor: mean (model(0, 0) - D1)^2."""
+    """CFM loss on one batch: mean over atoms of |v(D_t, t) - (D1 - D0)|^2 (Å^2);
+    regressor: mean over atoms of |model(0, 0) - D1|^2."""
     cond = model.condition(b.g)
     if regressor:
         pred = model(torch.zeros_like(b.d1), torch.zeros_like(b.t), b.g, cond)
-        return ((pred - b.d1) ** 2).mean()
+        return ((pred - b.d1) ** 2).sum(-1).mean()
     tn = b.t[b.g.batch].unsqueeze(-1)
     dt = (1.0 - tn) * b.d0 + tn * b.d1
     v = model(dt, b.t, b.g, cond)
-    return ((v - (b.d1 - b.d0)) ** 2).mean()
+    return ((v - (b.d1 - b.d0)) ** 2).sum(-1).mean()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -408,7 +410,7 @@ def flow_meta(path: str | Path) -> dict[str, Any]:
     """kind, variant, prior settings, hparams, Δτ (ps) and provenance of a best.pt / last.pt file."""
     ck = _load_ckpt(Path(path))
     return {k: copy.deepcopy(ck.get(k)) for k in ("kind", "variant", "prior", "hparams", "delta_tau_ps",
-                                                   "provenance", "step", "val_loss")}
+                                                   "provenance", "step", "val_loss", "imported_from")}
 
 
 def load_flow(path: str | Path, device: torch.device | str = "cpu") -> FlowModel:
@@ -419,5 +421,6 @@ def load_flow(path: str | Path, device: torch.device | str = "cpu") -> FlowModel
     ck = _load_ckpt(Path(path))
     model = FlowModel(**ck["hparams"])
     model.load_state_dict(ck["model"])
-    model.liflow_meta = {k: copy.deepcopy(ck.get(k)) for k in ("kind", "variant", "prior", "delta_tau_ps")}
+    model.liflow_meta = {k: copy.deepcopy(ck.get(k)) for k in ("kind", "variant", "prior", "delta_tau_ps",
+                                                                "imported_from")}
     return model.to(device).eval()

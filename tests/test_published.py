@@ -1,0 +1,211 @@
+"""The authors' published LiFlow checkpoints: safe import, element table, output parity, resolution.
+
+Parity is checked against ``../shared/liflow-reference/parity_fixture.npz``, made by running the
+reference implementation itself with the universal checkpoints. A user's clone may lack
+``../shared``: those tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from liflow_screen.errors import InputError, LiflowError
+from liflow_screen.model import published as pub
+from liflow_screen.model.graph import make_batch
+from liflow_screen.model.painn import UnknownElementError
+from liflow_screen.model.train import flow_meta, load_flow
+from liflow_screen.rollout import liflow_step
+
+SHARED = REPO.parent / "shared" / "liflow-reference"
+needs_shared = pytest.mark.skipif(not (SHARED / "parity_fixture.npz").is_file(),
+                                  reason=f"published checkpoints not present ({SHARED})")
+FIXTURE_STRUCTURES = ("LiFePO4", "Li2O", "Li3N_2x2x2", "LiCl")
+TOL = 1e-4  # Å (per unit flow time for the fields); measured worst 1.4e-5
+
+
+@pytest.fixture(scope="module")
+def universal(tmp_path_factory):
+    if not (SHARED / "P_universal.ckpt").is_file():
+        pytest.skip(f"published checkpoints not present ({SHARED})")
+    d = tmp_path_factory.mktemp("published")
+    pub.import_checkpoint(SHARED / "P_universal.ckpt", d / "P.pt")
+    pub.import_checkpoint(SHARED / "C_universal.ckpt", d / "C.pt")
+    return d / "P.pt", d / "C.pt"
+
+
+@needs_shared
+def test_parity_with_reference_implementation(universal, one_torch_thread) -> None:
+    """Every Propagator / Corrector output and every one-step X_next within 1e-4 Å of the reference."""
+    prop, corr = load_flow(universal[0]), load_flow(universal[1])
+    fx = np.load(SHARED / "parity_fixture.npz")
+    worst = 0.0
+    with torch.no_grad():
+        for s in FIXTURE_STRUCTURES:
+            nums, pos, cell = fx[f"{s}/numbers"], fx[f"{s}/positions"], fx[f"{s}/cell"]
+            for k in range(3):
+                e = f"{s}/eval{k}"
+                g = make_batch([nums], [pos], [cell], [float(fx[f"{e}/T"])])
+                t = torch.tensor([float(fx[f"{e}/t"])])
+                for model, tag in ((prop, "P"), (corr, "C")):
+                    out = model(torch.as_tensor(fx[f"{e}/D_{tag}"]), t, g).numpy()
+                    err = np.abs(out - fx[f"{e}/v_{tag}"]).max()
+                    assert err < TOL, (s, k, tag, err)
+                    worst = max(worst, err)
+            g = make_batch([nums], [pos], [cell], [float(fx[f"{s}/step/T"])])
+            x_p, x_next = liflow_step(prop, corr, g, torch.as_tensor(fx[f"{s}/step/D0_P"]),
+                                      torch.as_tensor(fx[f"{s}/step/D0_C"]), n_flow=10)
+            assert np.abs(x_p.numpy() - fx[f"{s}/step/X_after_P"]).max() < TOL, s
+            assert np.abs(x_next.numpy() - fx[f"{s}/step/X_next"]).max() < TOL, s
+            # the step is a real move, not the identity (so the comparison can fail)
+            assert np.abs(x_next.numpy() - pos).max() > 0.05
+    assert worst > 0  # float32 round-off differs from the reference's, never exactly equal
+
+
+@needs_shared
+def test_import_records_settings_and_provenance(universal) -> None:
+    meta = flow_meta(universal[0])
+    assert meta["kind"] == "propagator" and meta["variant"] == "published"
+    assert meta["prior"] == {"kind": "adaptive", "prior_li": [1.0, 10.0], "prior_frame": [0.316, 3.16]}
+    assert meta["delta_tau_ps"] == 1.0
+    assert meta["hparams"] == dict(features=64, radial=20, layers=3, cutoff=5.0, offset=0.5, n_elements=77,
+                                   ref_temp=1000.0, seed=0)
+    imp = meta["imported_from"]
+    assert imp["sha256"] == pub.PUBLISHED["P_universal"].sha256 == pub.sha256_of(SHARED / "P_universal.ckpt")
+    assert "MIT" in imp["license"] and imp["commit"] == pub.COMMIT and imp["global_step"] == 25000
+    assert imp["elements_covered"] == list(pub.PINNED_ELEMENTS)
+    cmeta = flow_meta(universal[1])
+    assert cmeta["kind"] == "corrector" and cmeta["prior"] == {"kind": "uniform", "scale": 0.1, "sigma_max": 0.25}
+
+
+@needs_shared
+def test_single_material_models_import(tmp_path) -> None:
+    pub.import_checkpoint(SHARED / "P_LGPS.ckpt", tmp_path / "p.pt")
+    pub.import_checkpoint(SHARED / "C_LGPS_0.1.ckpt", tmp_path / "c.pt")
+    assert flow_meta(tmp_path / "p.pt")["prior"] == {"kind": "adaptive", "prior_li": [10.0, 10.0],
+                                                      "prior_frame": [0.5, 0.5]}
+    assert flow_meta(tmp_path / "p.pt")["delta_tau_ps"] == 1.005
+    assert flow_meta(tmp_path / "c.pt")["prior"]["sigma_max"] == 0.1
+    # the training updated only the embedding rows of Li, P, S and Ge (Adam's state says so), and the
+    # built-in table maps exactly those elements to exactly those rows; the other rows are left out
+    _, _, info = pub.read_lightning_checkpoint(SHARED / "P_LGPS.ckpt")
+    rows = pub.builtin_element_rows()
+    assert info["trained_rows"] == sorted(int(rows[z]) for z in (3, 15, 16, 32)) == [1, 12, 13, 28]
+    meta = flow_meta(tmp_path / "p.pt")["imported_from"]
+    assert meta["elements_covered"] == [3, 15, 16, 32] and 8 in meta["elements_untrained"]
+    assert load_flow(tmp_path / "p.pt").unsupported_elements([3, 8, 15, 16]) == ["O"]
+
+
+@needs_shared
+def test_unknown_element_is_named_never_embedded(universal) -> None:
+    model = load_flow(universal[0])
+    assert model.unsupported_elements([3, 35, 8, 53]) == ["Br", "I"]
+    assert model.unsupported_elements([3, 15, 16, 32]) == []
+    g = make_batch([np.array([3, 35])], [np.array([[0.0, 0, 0], [2.5, 0, 0]])], [np.eye(3) * 5.0], [800.0])
+    with pytest.raises(UnknownElementError, match="element Br not in the model's element table"):
+        model(torch.zeros(2, 3), torch.zeros(1), g)
+
+
+@needs_shared
+def test_user_element_table(tmp_path, universal) -> None:
+    table = np.full(96, -1, dtype=np.int64)
+    table[list(pub.PINNED_ELEMENTS)] = np.arange(len(pub.PINNED_ELEMENTS))
+    table[35] = 31  # Br: a row the user's dataset assigns
+    np.save(tmp_path / "element_index.npy", table)
+    pub.import_checkpoint(SHARED / "P_universal.ckpt", tmp_path / "p.pt", element_index=tmp_path / "element_index.npy")
+    model = load_flow(tmp_path / "p.pt")
+    assert model.unsupported_elements([3, 35]) == [] and int(model.element_rows[35]) == 31
+    # a table that contradicts the rows the checkpoints pin is refused
+    table[8] = 40
+    np.save(tmp_path / "bad.npy", table)
+    with pytest.raises(InputError, match="Z=8 has row 40"):
+        pub.import_checkpoint(SHARED / "P_universal.ckpt", tmp_path / "q.pt", element_index=tmp_path / "bad.npy")
+    assert not (tmp_path / "q.pt").exists()
+
+
+class _Payload:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_executing_checkpoint_is_refused(tmp_path, capsys) -> None:
+    from liflow_screen import cli
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.x": torch.zeros(2)}, "hyper_parameters": {"cfg": _Payload(marker)}}, bad)
+    with pytest.raises(InputError, match="refusing to load .*evil.ckpt: not a plain weights checkpoint"):
+        pub.read_lightning_checkpoint(bad)
+    assert not marker.exists()
+    rc = cli.main(["import-model", "--checkpoint", str(bad), "--delta-tau-ps", "1", "--out", str(tmp_path / "o.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: refusing to load")
+    assert not marker.exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_foreign_file_is_refused(tmp_path) -> None:
+    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="refusing to load"):
+        pub.read_lightning_checkpoint(tmp_path / "x.ckpt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "y.ckpt")
+    with pytest.raises(InputError, match="not a LiFlow Lightning checkpoint"):
+        pub.read_lightning_checkpoint(tmp_path / "y.ckpt")
+
+
+# ----------------------------------------------------------------------------- resolution
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # noqa: D102
+        pass
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield root, f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv.shutdown()
+
+
+@needs_shared
+def test_resolution_explicit_then_cache_then_download(tmp_path, monkeypatch, file_server) -> None:
+    root, base = file_server
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIFLOW_SCREEN_CACHE", str(cache))
+    src = SHARED / "C_LPS.ckpt"
+    # 1. explicit path wins, whatever the cache holds
+    assert pub.resolve_published("C_LPS", explicit=src, base_url=base) == src
+    with pytest.raises(InputError, match="file not found"):
+        pub.resolve_published("C_LPS", explicit=tmp_path / "nope.ckpt", base_url=base)
+    # 3. offline, nothing cached: one message naming the three options
+    with pytest.raises(LiflowError) as exc:
+        pub.resolve_published("C_LPS", base_url="http://127.0.0.1:9/")
+    msg = str(exc.value)
+    assert "\n" not in msg and "give its path" in msg and str(cache) in msg and "download" in msg
+    # 3'. a download whose bytes do not match the published SHA-256 is not kept
+    (root / "C_LPS.ckpt").write_bytes(b"tampered")
+    with pytest.raises(LiflowError, match="SHA-256"):
+        pub.resolve_published("C_LPS", base_url=base)
+    assert not (cache / "C_LPS.ckpt").exists()
+    # 3''. a good download lands in the cache ...
+    (root / "C_LPS.ckpt").write_bytes(src.read_bytes())
+    got = pub.resolve_published("C_LPS", base_url=base)
+    assert got == cache / "C_LPS.ckpt" and pub.sha256_of(got) == pub.PUBLISHED["C_LPS"].sha256
+    # 2. ... and is used from there without the network afterwards
+    (root / "C_LPS.ckpt").unlink()
+    assert pub.resolve_published("C_LPS", base_url="http://127.0.0.1:9/") == cache / "C_LPS.ckpt"
