@@ -36,13 +36,22 @@ R = CFG["results_dir"]
 TEMPS = [int(round(t)) for t in CFG["md"]["temperatures"]]
 ROLL_TEMPS = [int(round(t)) for t in _lcfg.rollout_temperatures(CFG)]
 VARIANTS = CFG["train"]["variants"]
-# Rollout variants: every trained Propagator, plus "<name>-noC" (no Corrector) when ablated.
+PRE = CFG["pretrained"]
+# "published": the authors' imported Propagator (+ Corrector), screened without training.
+PUBLISHED = ["published"] if PRE["propagator"] else []
+# Rollout variants: the published models and every trained Propagator, plus "<name>-noC"
+# (no Corrector) when ablated.
 NO_CORRECTOR = "-noC"
-ROLL_VARIANTS = VARIANTS + (
-    [v + NO_CORRECTOR for v in VARIANTS if v != "regressor"]
-    if CFG["rollout"]["ablate_corrector"] and CFG["rollout"]["corrector"]
-    else []
+ROLL_VARIANTS = (
+    PUBLISHED
+    + VARIANTS
+    + (
+        [v + NO_CORRECTOR for v in PUBLISHED + VARIANTS if v != "regressor"]
+        if CFG["rollout"]["ablate_corrector"] and CFG["rollout"]["corrector"]
+        else []
+    )
 )
+USE_SELECTOR = CFG["rollout"]["prior_selection"] == "selector"
 
 # The resolved config every rule reads; rewritten only when it changes so mtimes stay put.
 RUNCFG = f"{R}/config.resolved.yaml"

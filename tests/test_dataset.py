@@ -94,7 +94,15 @@ def test_build_layout_labels_and_provenance(tmp_path):
         assert row.msd_li == pytest.approx(msd_li, rel=1e-6)
         assert row.msd_frame == pytest.approx(msd_fr, rel=1e-6)
         assert row.msd_li_per_ps == pytest.approx(msd_li / 2.0, rel=1e-6)
-        assert row.slow_li == (msd_li / 2.0 < 0.1)
+        # the label rests on the mobility rate: slope of the multi-origin MSD over the later half
+        x = pos[:, li].astype(np.float64)
+        nf = len(x)
+        lags = np.arange((nf - 1 + 1) // 2, nf)  # lags >= (F-1)/2 frames
+        lags = lags[lags >= (nf - 1) / 2]
+        msd = [np.mean(np.sum((x[m:] - x[:nf - m]) ** 2, axis=-1)) for m in lags]  # brute force
+        rate = np.polyfit(lags * 0.02, msd, 1)[0]
+        assert row.rate_li == pytest.approx(rate, rel=1e-6, abs=1e-9)
+        assert row.slow_li == (rate < 0.1)
     prov = schema.read_provenance(out / "labels.parquet")
     assert prov["config"]["md"]["temperatures"] == TEMPS and "torch" in prov["versions"]
     # partitioned read gives back the exact trajectory

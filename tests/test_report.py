@@ -124,7 +124,8 @@ def _msd(pos: np.ndarray, k: int, li: bool) -> float:
 
 def test_reports_metrics_ranking_plots(dataset, tmp_path):
     root, positions, cfg = dataset["root"], dataset["positions"], dataset["cfg"]
-    flags = pd.DataFrame({"id": ["s1", "s2"], "temperature": [600, 600], "uncertain": [False, True]})
+    flags = pd.DataFrame({"id": ["s1", "s2"], "temperature": [600, 600], "source": ["liflow:adaptive"] * 2,
+                          "uncertain": [False, True]})
     out = write_reports([root / "analysis.parquet"], root / "structures.parquet", [root / "status.parquet"],
                         flags, tmp_path / "reports", cfg)
 

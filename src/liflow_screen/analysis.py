@@ -143,6 +143,32 @@ def msd_multi_origin(pos: np.ndarray, mask: np.ndarray | Sequence[bool],
     return lags[: max_lag + 1], msd[: max_lag + 1]
 
 
+def mobility_rate(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool]) -> float:
+    """Mobility of the atoms in ``mask``, Å²/ps: the least-squares slope of the multi-origin MSD
+    over the later half of the time lags, τ_max/2 <= lag <= τ_max (τ_max = the trajectory length).
+
+    This is the prior-class label of the pipeline (slow = rate < ``dataset.slow_threshold``, 0.1
+    Å²/ps, the paper's MSD/τ threshold at τ = 25 ps). Unlike MSD/τ it does not depend on τ for a
+    vibrating crystal: the vibrational plateau (reached within a fraction of a ps) has zero slope, so
+    a non-diffusing group is slow at 1.5 ps as at 25 ps, while a diffusing one gives 6 D*.
+    With two frames (one lag) it falls back to MSD/τ. NaN for an empty mask.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return math.nan
+    x = _as_traj(pos)
+    t = np.asarray(times_ps, dtype=np.float64)
+    if t.shape != (x.shape[0],) or x.shape[0] < 2:
+        raise InputError("mobility_rate needs at least two frames and one time per frame")
+    step = frame_step_ps(t)
+    lags, msd = msd_multi_origin(x, m)
+    if lags[-1] < 2:
+        return float(msd[-1] / (lags[-1] * step))
+    half = lags >= lags[-1] / 2.0
+    lt = lags[half] * step
+    return float(np.polyfit(lt, msd[half], 1)[0])
+
+
 # --------------------------------------------------------------------------------------------
 # self-diffusion: kinisi (Bayesian) with a coarse dt grid; OLS only as a labelled fallback
 # --------------------------------------------------------------------------------------------

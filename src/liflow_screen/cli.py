@@ -103,13 +103,15 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selector", type=Path, default=None, help="prior selector (adaptive prior)")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--init-from", type=Path, default=None, help="flow-model checkpoint to fine-tune (train.init_from)")
 
 
 @command("train", "train a Propagator or the Corrector (conditional flow matching)", _args_train)
 def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from . import stages
 
-    stages.train_model(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps)
+    stages.train_model(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
+                       init_from=ns.init_from)
 
 
 def _args_import(p: argparse.ArgumentParser) -> None:
@@ -150,7 +152,7 @@ def _import_model(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
 def _args_rollout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--dataset", required=True, type=Path)
-    p.add_argument("--selector", required=True, type=Path)
+    p.add_argument("--selector", type=Path, default=None, help="prior selector (rollout.prior_selection: selector)")
     p.add_argument("--propagator", required=True, type=Path)
     p.add_argument("--corrector", type=Path, default=None)
     p.add_argument("--variant", required=True)
@@ -182,28 +184,20 @@ def _analyze(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 
 def _args_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True, type=Path)
-    p.add_argument("--dataset", required=True, type=Path)
-    p.add_argument("--selector", required=True, type=Path, help="prior selector model (.pt)")
-    p.add_argument("--analysis-root", required=True, type=Path)
-    p.add_argument("--rollout-root", required=True, type=Path)
+    p.add_argument("--structures", required=True, type=Path, help="dataset structures.parquet")
+    p.add_argument("--labels", type=Path, default=None, help="dataset labels.parquet (reference-MD prior classes)")
+    p.add_argument("--analysis", required=True, type=Path, nargs="+", help="analysis tables (Parquet)")
+    p.add_argument("--status", type=Path, nargs="*", default=[], help="status tables (MD dataset, rollout chunks)")
+    p.add_argument("--priors", type=Path, nargs="*", default=[], help="priors tables of the rollout chunks")
     p.add_argument("--out-dir", required=True, type=Path)
 
 
-@command("report", "metrics.csv (Table 1 layout), ranking.csv and plots", _args_report)
+@command("report", "metrics.csv (Table 1 layout), ranking.csv, prior_classes.csv and plots", _args_report)
 def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import config, report, schema, stages
+    from . import report
 
-    analysis = sorted(ns.analysis_root.glob("*/chunk_*.parquet"))
-    if not analysis:
-        raise LiflowError(f"no analysis files under {ns.analysis_root}")
-    statuses = [ns.dataset / "status.parquet", *sorted(ns.rollout_root.glob("*/chunk_*/status.parquet"))]
-    structs = schema.read_df(ns.dataset / "structures.parquet", "structures")
-    temps = sorted({float(t) for t in cfg["md"]["temperatures"]} | set(config.rollout_temperatures(cfg)))
-    preds = stages.selector_predictions(ns.selector, structs, [(i, t) for i in structs["id"] for t in temps])
-    uncertain = preds.groupby("id")["uncertain"].any().to_dict()
-    report.write_reports(analysis, structs, statuses, uncertain, ns.out_dir, cfg=cfg,
-                         variant=cfg["train"]["variants"][0])
+    report.write_reports(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
+                         variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels)
 
 
 def _args_verify(p: argparse.ArgumentParser) -> None:

@@ -65,6 +65,17 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_consistency(cfg: dict[str, Any]) -> None:
+    tr, pre = cfg["train"], cfg["pretrained"]
+    if not tr["variants"] and not pre["propagator"]:
+        raise ConfigError("nothing to roll out: config key train.variants is empty and pretrained.propagator is not set")
+    if tr["init_from"] == "published":
+        if not pre["propagator"]:
+            raise ConfigError("config key train.init_from is 'published' but pretrained.propagator is not set")
+        if set(tr["variants"]) - {"adaptive"}:
+            raise ConfigError("config key train.init_from 'published' fine-tunes the published adaptive-prior "
+                              f"Propagator: train.variants must be [adaptive], got {tr['variants']}")
+        if cfg["rollout"]["corrector"] and not pre["corrector"]:
+            raise ConfigError("config key train.init_from is 'published' but pretrained.corrector is not set")
     s = cfg["structures"]
     if s["source"] in ("cif_dir", "manifest") and not s["path"]:
         raise ConfigError(f"config key structures.path is required when structures.source is {s['source']!r}")

@@ -43,10 +43,13 @@ def frames_file(chunk_dir: str | Path, temperature: float) -> Path:
 
 
 def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict[str, float]:
-    """MSD (Å²) at the last frame from frame 0 (Eq. 12) and MSD/τ (Å²/ps) for Li and frame atoms.
+    """Per group (Li, frame): MSD (Å²) at the last frame from frame 0 (Eq. 12), MSD/τ (Å²/ps), and
+    the mobility rate (Å²/ps, :func:`analysis.mobility_rate`) on which the slow/fast label rests.
 
     ``pos`` (F, n, 3) unwrapped Å; an empty group gives NaN.
     """
+    from .analysis import mobility_rate
+
     if not np.isfinite(pos).all():
         raise SchemaError("trajectory contains NaN or infinite positions")
     disp = pos[-1].astype(np.float64) - pos[0].astype(np.float64)
@@ -57,6 +60,7 @@ def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict
         msd = float(sq[mask].mean()) if mask.any() else float("nan")
         out[f"msd_{name}"] = msd
         out[f"msd_{name}_per_ps"] = msd / tau if tau > 0 else float("nan")
+        out[f"rate_{name}"] = mobility_rate(pos, times_ps, mask) if mask.any() and len(pos) > 1 else float("nan")
     return out
 
 
@@ -109,8 +113,8 @@ def build(cfg: dict[str, Any], manifest_path: str | Path, md_root: str | Path, o
                 except SchemaError as exc:
                     raise SchemaError(f"{frames_file(cdir, T)}: structure {sid} at {T:g} K: {exc}") from exc
                 labels.append({"id": sid, "temperature": int(round(T)), "split": split_of[sid], **lab,
-                               "slow_li": bool(lab["msd_li_per_ps"] < threshold),
-                               "slow_frame": bool(lab["msd_frame_per_ps"] < threshold)})
+                               "slow_li": bool(lab["rate_li"] < threshold),
+                               "slow_frame": bool(lab["rate_frame"] < threshold)})
     st_all = pd.concat(structures, ignore_index=True)
     missing = set(manifest["id"]) - set(st_all["id"])
     if missing:

@@ -327,6 +327,20 @@ def _uncertain_map(flags: pd.DataFrame | Mapping[str, bool] | None) -> dict[str,
     return {str(k): bool(v) for k, v in flags.items()}
 
 
+def _ranking_source(df: pd.DataFrame, variant: str | None) -> str:
+    """The trajectory source that ranks: liflow:<variant> if given; else liflow:adaptive, else the
+    first LiFlow variant; "md" only when there are no rollouts at all."""
+    variants = _variants(df)
+    if variant is not None:
+        src = variant if variant.startswith(LIFLOW_PREFIX) or variant == MD_SOURCE else LIFLOW_PREFIX + variant
+        if src not in set(df["source"]):
+            raise InputError(f"no trajectories of source {src!r} in the analysis table")
+        return src
+    if variants:
+        return LIFLOW_PREFIX + "adaptive" if LIFLOW_PREFIX + "adaptive" in variants else variants[0]
+    return MD_SOURCE
+
+
 def _tcol(T: int) -> str:
     return f"{int(T)}K"
 
@@ -353,15 +367,7 @@ def compute_ranking(
     """
     structs = load_structures(structures_table)
     df = analysis_table
-    variants = _variants(df)
-    if variant is not None:
-        src = variant if variant.startswith(LIFLOW_PREFIX) or variant == MD_SOURCE else LIFLOW_PREFIX + variant
-        if src not in set(df["source"]):
-            raise InputError(f"no trajectories of source {src!r} in the analysis table")
-    elif variants:
-        src = LIFLOW_PREFIX + "adaptive" if LIFLOW_PREFIX + "adaptive" in variants else variants[0]
-    else:
-        src = MD_SOURCE
+    src = _ranking_source(df, variant)
     pred = df[df["source"] == src]
     ref = df[df["source"] == MD_SOURCE]
     temps = sorted({int(t) for t in pred["temperature"]})
@@ -569,37 +575,87 @@ def _write_csv(df: pd.DataFrame, path: Path, prov: dict[str, Any]) -> None:
     write_json_atomic(path.with_name(path.stem + ".provenance.json"), prov)
 
 
+def load_priors(priors: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
+                ) -> pd.DataFrame:
+    """PRIORS rows (prior class of each rollout) from a DataFrame, one file or several files."""
+    cols = [f.name for f in schema.PRIORS]
+    if priors is None:
+        return pd.DataFrame(columns=cols)
+    if isinstance(priors, pd.DataFrame):
+        return priors
+    paths = [priors] if isinstance(priors, (str, os.PathLike)) else list(priors)
+    frames = [schema.read_df(p, "priors") for p in paths]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def prior_agreement(priors: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """How often the prior class a rollout used agrees with the reference-MD label of the same
+    (structure, T): rows (source, method, temperature) with n and the Li / frame agreement in %.
+
+    ``labels`` are the dataset's MD labels (slow = mobility rate < dataset.slow_threshold).
+    """
+    cols = ["source", "method", "temperature", "n", "li_agree_pct", "frame_agree_pct", "li_slow_md",
+            "li_slow_chosen", "frame_slow_md", "frame_slow_chosen"]
+    if priors.empty or labels.empty:
+        return pd.DataFrame(columns=cols)
+    lab = labels[["id", "temperature", "slow_li", "slow_frame"]].copy()
+    lab["temperature"] = lab["temperature"].astype(int)
+    pr = priors.copy()
+    pr["temperature"] = pr["temperature"].astype(int)
+    m = pr.merge(lab, on=["id", "temperature"], how="inner")
+    rows = []
+    for (src, method, T), g in m.groupby(["source", "method", "temperature"], sort=True):
+        li_ok = g["li_slow"].astype(bool) == g["slow_li"].astype(bool)
+        fr_ok = g["frame_slow"].astype(bool) == g["slow_frame"].astype(bool)
+        rows.append({"source": src, "method": method, "temperature": int(T), "n": int(len(g)),
+                     "li_agree_pct": 100.0 * float(li_ok.mean()), "frame_agree_pct": 100.0 * float(fr_ok.mean()),
+                     "li_slow_md": int(g["slow_li"].astype(bool).sum()), "li_slow_chosen": int(g["li_slow"].astype(bool).sum()),
+                     "frame_slow_md": int(g["slow_frame"].astype(bool).sum()),
+                     "frame_slow_chosen": int(g["frame_slow"].astype(bool).sum())})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def write_reports(
     analysis_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     structures_table: pd.DataFrame | str | os.PathLike[str],
     status_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
-    classifier_uncertain_flags: pd.DataFrame | Mapping[str, bool] | None,
+    priors_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     out_dir: str | os.PathLike[str],
     cfg: Mapping[str, Any] | None = None,
     variant: str | None = None,
     metric_splits: Sequence[str] = ("test",),
+    labels_table: pd.DataFrame | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.csv, ranking.csv (+ provenance JSON), parity/*.png and arrhenius/*.png.
+    """Write metrics.csv, ranking.csv, prior_classes.csv (+ provenance JSON), parity/*.png and
+    arrhenius/*.png.
 
-    Inputs are DataFrames or paths (analysis Parquet files, the STRUCTURES Parquet, STATUS Parquet
-    files). ``cfg`` is the run config (``analysis.top_n`` and ``analysis.target_temperature``
-    are used). Everything is computed before the first file is written; each file is atomic.
-    Returns the written paths: {"metrics", "ranking", "parity": [...], "arrhenius": [...]}.
+    Inputs are DataFrames or paths (analysis Parquet files, the STRUCTURES Parquet, STATUS and
+    PRIORS Parquet files, the dataset's LABELS). ``cfg`` is the run config (``analysis.top_n`` and
+    ``analysis.target_temperature`` are used). Everything is computed before the first file is
+    written; each file is atomic. Returns the written paths.
     """
     full = _cfg(cfg)
     acfg = full["analysis"]
     df = read_analysis(analysis_table)
     structs = load_structures(structures_table)
     status = load_status(status_table)
+    priors = load_priors(priors_table)
+    labels = (labels_table if isinstance(labels_table, pd.DataFrame) or labels_table is None
+              else schema.read_df(labels_table, "labels"))
     target_T = float(acfg["target_temperature"])
     metrics = compute_metrics(df, status, metric_splits)
-    ranking, fits = compute_ranking(df, structs, status, classifier_uncertain_flags, target_T, variant)
+    src = _ranking_source(df, variant)
+    ranking, fits = compute_ranking(df, structs, status, priors[priors["source"] == src] if len(priors) else None,
+                                    target_T, variant)
+    agreement = prior_agreement(priors, labels if labels is not None else pd.DataFrame())
     out = Path(out_dir)
     prov = provenance(full, stage="report", n_trajectories=int(len(df)), n_structures=int(len(ranking)),
                       metric_splits=list(metric_splits), target_temperature_K=target_T,
                       prediction_source=str(ranking["source"].iloc[0]) if len(ranking) else None)
     _write_csv(metrics, out / "metrics.csv", prov)
     _write_csv(ranking, out / "ranking.csv", prov)
+    _write_csv(agreement, out / "prior_classes.csv", prov)
     parity = parity_plots(df, out, prov, metric_splits)
     arr = arrhenius_plots(ranking, fits, df, out, prov, int(acfg["top_n"]), target_T) if len(ranking) else []
-    return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "parity": parity, "arrhenius": arr}
+    return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "prior_classes": out / "prior_classes.csv",
+            "parity": parity, "arrhenius": arr}

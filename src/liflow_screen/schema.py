@@ -92,12 +92,30 @@ LABELS = pa.schema([
     ("msd_frame", pa.float64()),
     ("msd_li_per_ps", pa.float64()),        # MSD / τ, Å^2/ps
     ("msd_frame_per_ps", pa.float64()),
-    ("slow_li", pa.bool_()),                # MSD/τ < threshold
+    ("rate_li", pa.float64()),              # mobility rate, Å^2/ps (analysis.mobility_rate)
+    ("rate_frame", pa.float64()),
+    ("slow_li", pa.bool_()),                # rate < dataset.slow_threshold
     ("slow_frame", pa.bool_()),
+])
+
+#: The adaptive-prior class each rollout (structure, temperature) used, and how it was chosen.
+PRIORS = pa.schema([
+    ("id", pa.string()),
+    ("temperature", pa.int32()),            # K
+    ("source", pa.string()),                # liflow:<variant>
+    ("method", pa.string()),                # selector | pilot | fast | slow | none (non-adaptive prior)
+    ("li_slow", pa.bool_()),                # True = small Li prior scale
+    ("frame_slow", pa.bool_()),
+    ("p_slow_li", pa.float64()),            # selector P(slow) (null for other methods)
+    ("p_slow_frame", pa.float64()),
+    ("pilot_rate_li", pa.float64()),        # pilot rollout mobility rate, Å^2/ps (method pilot)
+    ("pilot_rate_frame", pa.float64()),
+    ("uncertain", pa.bool_()),              # selector P within 0.15 of 0.5, or pilot rate within 2x of the threshold
 ])
 
 SCHEMAS: dict[str, pa.Schema] = {
     "manifest": MANIFEST, "structures": STRUCTURES, "frames": FRAMES, "status": STATUS, "labels": LABELS,
+    "priors": PRIORS,
 }
 
 

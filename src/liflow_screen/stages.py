@@ -117,8 +117,10 @@ def _slow_map(preds: pd.DataFrame) -> dict[tuple[str, int], tuple[bool, bool]]:
 
 
 def train_model(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, out_dir: str | Path,
-                selector: str | Path | None = None, max_steps: int | None = None) -> dict[str, Any]:
-    """Train a Propagator (variant adaptive | uniform | isotropic | regressor) or the Corrector."""
+                selector: str | Path | None = None, max_steps: int | None = None,
+                init_from: str | Path | None = None) -> dict[str, Any]:
+    """Train a Propagator (variant adaptive | uniform | isotropic | regressor) or the Corrector,
+    from scratch or fine-tuning the flow-model checkpoint ``init_from``."""
     from .model.train import train_flow
 
     root = Path(dataset_dir)
@@ -137,10 +139,10 @@ def train_model(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant
         keys = sorted({(t.id, t.temperature) for t in train + val})
         slow = _slow_map(selector_predictions(selector, structs, keys))
     k = delta_frames(cfg)
-    _discard_stale_state(Path(out_dir), cfg, root, kind, variant, selector)
+    _discard_stale_state(Path(out_dir), cfg, root, kind, variant, selector, init_from)
     corr_variant = "uniform" if kind == "corrector" else variant
     summary = train_flow(kind, corr_variant, cfg, ParquetPairSource(train, k, slow), ParquetPairSource(val, k, slow),
-                         Path(out_dir), max_steps=max_steps, progress=True)
+                         Path(out_dir), max_steps=max_steps, progress=True, init_from=init_from)
     log.info("%s/%s: %s", kind, variant, {k: summary[k] for k in ("steps", "best_val", "steps_per_s") if k in summary})
     return summary
 
@@ -158,7 +160,7 @@ def dataset_fingerprint(root: str | Path) -> str:
 
 
 def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, kind: str, variant: str,
-                         selector: str | Path | None) -> None:
+                         selector: str | Path | None, init_from: str | Path | None = None) -> None:
     """Remove a previous run's training state unless it was made from the same data and config.
 
     ``last.pt`` lets a killed training resume; after the dataset, the selector or the (non-resumable)
@@ -172,6 +174,7 @@ def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, 
         "data": dataset_fingerprint(dataset_dir), "selector": hashlib.sha256(sel).hexdigest()[:16],
         "train": {k: v for k, v in cfg["train"].items() if k not in _RESUMABLE_KEYS},
         "dataset": cfg["dataset"], "seed": cfg["seed"], "kind": kind, "variant": variant,
+        "init": hashlib.sha256(Path(init_from).read_bytes()).hexdigest()[:16] if init_from else None,
     })
     marker = out_dir / "inputs.digest"
     last = out_dir / "last.pt"
@@ -191,21 +194,132 @@ def rollout_chunk_rows(manifest: pd.DataFrame, chunk: int, chunk_size: int) -> p
     return sub
 
 
-def rollout_chunk(cfg: dict[str, Any], manifest_path: str | Path, dataset_dir: str | Path, selector: str | Path,
+#: Pilot rates within this factor of the threshold flag the class choice as uncertain.
+PILOT_UNCERTAIN_FACTOR = 2.0
+
+
+def pair_generator(seed: int, sid: str, temperature: float, stream: int = 0):
+    """CPU torch.Generator of one (structure, T) rollout: stream 0 = production, 1 = pilot.
+
+    Seeded from (config seed, structure id, T) only, so results do not depend on batching or chunking.
+    """
+    import torch
+
+    state = np.random.SeedSequence([int(seed), hash_id(sid), int(round(temperature)), int(stream)]).generate_state(2)
+    return torch.Generator(device="cpu").manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: Any):
+    """GraphBatch of the relaxed supercells of ``batch`` [(id, T K, split)]."""
+    from .model.graph import make_batch
+
+    sts = [structs.loc[j[0]] for j in batch]
+    return make_batch([np.asarray(s["numbers"]) for s in sts], [np.asarray(s["positions"]).reshape(-1, 3) for s in sts],
+                      [np.asarray(s["cell"]).reshape(3, 3) for s in sts], [j[1] for j in batch], device=device)
+
+
+def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.DataFrame,
+                     jobs: list[tuple[str, float, str]], classes: dict[tuple[str, int], tuple[bool, bool]],
+                     n_steps: int, stream: int, device: Any):
+    """Yield (batch, RolloutResult, wall s) for ``jobs`` in groups of rollout.batch_structures."""
+    import torch
+
+    from .model.train import prior_sigma_for
+    from .rollout import rollout
+
+    rc = cfg["rollout"]
+    regressor = prop.liflow_meta["prior"]["kind"] == "none"
+    bs = int(rc["batch_structures"])
+    for b0 in range(0, len(jobs), bs):
+        batch = jobs[b0:b0 + bs]
+        g = _graph(structs, batch, device)
+        cls = [classes.get((j[0], int(round(j[1]))), (True, True)) for j in batch]
+        li_slow = torch.as_tensor([c[0] for c in cls], device=device)
+        fr_slow = torch.as_tensor([c[1] for c in cls], device=device)
+        sig_p = (torch.zeros(g.pos.shape[0], device=device) if regressor
+                 else prior_sigma_for(g, prop.liflow_meta["prior"], li_slow, fr_slow))
+        sig_c = prior_sigma_for(g, corr.liflow_meta["prior"], li_slow, fr_slow) if corr is not None else None
+        gens = [pair_generator(int(cfg["seed"]), sid, T, stream) for sid, T, _ in batch]
+        t0 = time.perf_counter()
+        res = rollout(prop, corr, g, sig_p, sig_c, n_steps, int(rc["n_flow"]), gens,
+                      max_step_displacement=float(rc["max_step_displacement"]), retries=int(rc["retries"]),
+                      regressor=regressor, progress=False)
+        yield batch, res, time.perf_counter() - t0
+
+
+def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any, structs: pd.DataFrame,
+                         jobs: list[tuple[str, float, str]], selector: str | Path | None, device: Any,
+                         source: str) -> pd.DataFrame:
+    """The adaptive-prior class (li_slow, frame_slow) of every job, as schema.PRIORS rows.
+
+    * ``selector``: the prior-selector classifier trained on this run's MD (P(slow) >= 0.5);
+    * ``pilot``: a ``rollout.pilot_steps``-step rollout with the LARGE Li prior (and the small frame
+      prior); Li is classified by the same rule as the MD labels: slow if its mobility rate (slope
+      of the multi-origin MSD over the later half, Å²/ps) < ``dataset.slow_threshold``. The frame
+      gets the small prior: a pilot with the large frame prior is self-fulfilling (the flow turns a
+      wide prior into wide displacements: LiCl's frame "diffused" at 600 K), and a melting frame is
+      a sanity flag of its own, not something to screen with;
+    * ``fast`` / ``slow``: that class for every group.
+    A non-adaptive Propagator prior has no classes (method "none").
+    """
+    from .analysis import mobility_rate
+
+    rows = []
+    key = [(sid, int(round(T))) for sid, T, _ in jobs]
+    base = {"source": source, "p_slow_li": np.nan, "p_slow_frame": np.nan, "pilot_rate_li": np.nan,
+            "pilot_rate_frame": np.nan, "uncertain": False}
+    if prop.liflow_meta["prior"]["kind"] != "adaptive":
+        method = "none"
+    if method in ("none", "fast", "slow"):
+        slow = method != "fast"
+        return pd.DataFrame([{**base, "id": sid, "temperature": T, "method": method, "li_slow": slow,
+                              "frame_slow": slow} for sid, T in key], columns=[f.name for f in schema.PRIORS])
+    if method == "selector":
+        if selector is None:
+            raise InputError("rollout.prior_selection is 'selector' but no prior selector was given (--selector)")
+        preds = selector_predictions(selector, structs.reset_index(), [(j[0], j[1]) for j in jobs])
+        for (sid, T), p in zip(key, preds.itertuples(index=False)):
+            rows.append({**base, "id": sid, "temperature": T, "method": "selector", "li_slow": bool(p.li_slow),
+                         "frame_slow": bool(p.frame_slow), "p_slow_li": p.p_slow_li, "p_slow_frame": p.p_slow_frame,
+                         "uncertain": bool(p.uncertain)})
+        return pd.DataFrame(rows, columns=[f.name for f in schema.PRIORS])
+    if method != "pilot":
+        raise InputError(f"unknown rollout.prior_selection {method!r}")
+    thr = float(cfg["dataset"]["slow_threshold"])
+    n_pilot = int(cfg["rollout"]["pilot_steps"])
+    large = {k: (False, True) for k in key}
+    dt_ps = float(prop.liflow_meta.get("delta_tau_ps") or cfg["dataset"]["delta_tau_ps"])
+    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, large, n_pilot, 1, device):
+        for k, (sid, T, _) in enumerate(batch):
+            traj = res.trajectory(k).astype(np.float64)
+            li = np.asarray(structs.loc[sid]["numbers"]) == 3
+            times = np.arange(traj.shape[0]) * dt_ps
+            # a pilot that diverged before 2 steps cannot be classified: keep the large prior
+            r_li = mobility_rate(traj, times, li) if traj.shape[0] > 2 else np.nan
+            r_fr = mobility_rate(traj, times, ~li) if traj.shape[0] > 2 and (~li).any() else np.nan
+            unc = bool(res.diverged[k]) or bool(np.isfinite(r_li) and thr / PILOT_UNCERTAIN_FACTOR <= r_li
+                                                 <= thr * PILOT_UNCERTAIN_FACTOR)
+            rows.append({**base, "id": sid, "temperature": int(round(T)), "method": "pilot",
+                         "li_slow": bool(np.isfinite(r_li) and r_li < thr), "frame_slow": True,
+                         "pilot_rate_li": r_li, "pilot_rate_frame": r_fr, "uncertain": unc})
+        log.info("pilot rollouts: %d pairs (%.1f s)", len(batch), wall)
+    return pd.DataFrame(rows, columns=[f.name for f in schema.PRIORS])
+
+
+def rollout_chunk(cfg: dict[str, Any], manifest_path: str | Path, dataset_dir: str | Path, selector: str | Path | None,
                   propagator: str | Path, corrector: str | Path | None, variant: str, chunk: int,
                   out_dir: str | Path) -> dict[str, int]:
     """LiFlow rollouts (Algorithm 1) for every structure of a chunk at every rollout temperature.
 
     (structure, T) pairs are batched ``rollout.batch_structures`` at a time into one graph. Starts
-    from the relaxed supercell; works without reference MD. Writes frames_T<K>.parquet per
-    temperature and status.parquet (schema.FRAMES / STATUS) in ``out_dir``.
+    from the relaxed supercell; works without reference MD. Structures whose relaxation failed, or
+    holding an element outside the model's element table, get a status row naming the reason.
+    Writes frames_T<K>.parquet per temperature, status.parquet (schema.FRAMES / STATUS) and
+    priors.parquet (schema.PRIORS: the prior class of each rollout and how it was chosen).
     """
-    import torch
-
     from . import config as cfgmod
-    from .model.graph import make_batch
-    from .model.train import load_flow, prior_sigma_for, resolve_device
-    from .rollout import rollout, rollout_status_rows, rollout_to_rows
+    from .model.train import load_flow, resolve_device
+    from .rollout import rollout_status_rows, rollout_to_rows
 
     rc = cfg["rollout"]
     device = resolve_device(rc["device"])
@@ -215,58 +329,49 @@ def rollout_chunk(cfg: dict[str, Any], manifest_path: str | Path, dataset_dir: s
     temps = cfgmod.rollout_temperatures(cfg)
     prop = load_flow(propagator, device)
     corr = load_flow(corrector, device) if corrector else None
-    meta = prop.liflow_meta
-    regressor = meta["prior"]["kind"] == "none"
-    dt_ps = float(meta.get("delta_tau_ps") or cfg["dataset"]["delta_tau_ps"])
+    dt_ps = float(prop.liflow_meta.get("delta_tau_ps") or cfg["dataset"]["delta_tau_ps"])
     source = f"liflow:{variant}"
     status_rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, float, str]] = []
+
+    def skip(sid: str, split: str, status: str, reason: str) -> None:
+        status_rows.extend({"id": sid, "temperature": int(round(T)), "split": split, "source": source,
+                            "status": status, "reason": reason, "n_frames": 0, "duration_ps": 0.0, "wall_s": 0.0}
+                           for T in temps)
+
     for r in rows.itertuples():
-        st = structs.loc[r.id] if r.id in structs.index else None
-        if st is None:
+        if r.id not in structs.index:
             raise SchemaError(f"structure {r.id} of the manifest is missing from {dataset_dir}/structures.parquet")
+        st = structs.loc[r.id]
         if str(st["relax_status"]).startswith("failed"):
-            status_rows += [{"id": r.id, "temperature": int(round(T)), "split": r.split, "source": source,
-                             "status": "relax_failed", "reason": str(st["relax_status"]), "n_frames": 0,
-                             "duration_ps": 0.0, "wall_s": 0.0} for T in temps]
+            skip(r.id, r.split, "relax_failed", str(st["relax_status"]))
+            continue
+        missing = sorted(set(prop.unsupported_elements(st["numbers"]))
+                         | set(corr.unsupported_elements(st["numbers"]) if corr is not None else []))
+        if missing:
+            skip(r.id, r.split, "unsupported_element",
+                 f"element{'s' if len(missing) > 1 else ''} {', '.join(missing)} not in the element table of "
+                 f"{Path(propagator).name}{' / ' + Path(corrector).name if corrector else ''}")
             continue
         jobs += [(r.id, T, r.split) for T in temps]
-    preds = selector_predictions(selector, structs.reset_index(), [(j[0], j[1]) for j in jobs]) if jobs else None
+    priors = choose_prior_classes(cfg, rc["prior_selection"], prop, corr, structs, jobs, selector, device, source)
+    classes = {(p.id, int(p.temperature)): (bool(p.li_slow), bool(p.frame_slow)) for p in priors.itertuples()}
     frames: dict[int, list[dict[str, Any]]] = {int(round(T)): [] for T in temps}
-    bs = int(rc["batch_structures"])
-    for b0 in range(0, len(jobs), bs):
-        batch = jobs[b0:b0 + bs]
-        sts = [structs.loc[j[0]] for j in batch]
-        g = make_batch([np.asarray(s["numbers"]) for s in sts],
-                       [np.asarray(s["positions"]).reshape(-1, 3) for s in sts],
-                       [np.asarray(s["cell"]).reshape(3, 3) for s in sts], [j[1] for j in batch], device=device)
-        p = preds.iloc[b0:b0 + bs]
-        li_slow = torch.as_tensor(p["li_slow"].to_numpy(bool), device=device)
-        fr_slow = torch.as_tensor(p["frame_slow"].to_numpy(bool), device=device)
-        sig_p = None if regressor else prior_sigma_for(g, meta["prior"], li_slow, fr_slow)
-        sig_c = prior_sigma_for(g, corr.liflow_meta["prior"], li_slow, fr_slow) if corr is not None else None
-        gens = []
-        for sid, T, _ in batch:  # one generator per (structure, T): results do not depend on batching
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(int(cfg["seed"]) * 1_000_003 + (hash_id(sid) ^ int(round(T))) % 2_147_483_647)
-            gens.append(gen)
-        t0 = time.perf_counter()
-        res = rollout(prop, corr, g, sig_p if sig_p is not None else torch.zeros(g.pos.shape[0], device=device),
-                      sig_c, int(rc["n_steps"]), int(rc["n_flow"]), gens,
-                      max_step_displacement=float(rc["max_step_displacement"]), retries=int(rc["retries"]),
-                      regressor=regressor, progress=False)
-        wall = time.perf_counter() - t0
+    done = 0
+    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, classes, int(rc["n_steps"]), 0, device):
         ids, ts = [j[0] for j in batch], [j[1] for j in batch]
         for row in rollout_to_rows(res, ids, ts, source, dt_ps):
             frames[row.pop("temperature")].append(row)
         status_rows += rollout_status_rows(res, ids, ts, source, dt_ps, split=[j[2] for j in batch], wall_s=wall)
-        log.info("rollout %s chunk %d: %d/%d pairs done (%.1f s for %d)", variant, chunk, b0 + len(batch), len(jobs), wall, len(batch))
+        done += len(batch)
+        log.info("rollout %s chunk %d: %d/%d pairs done (%.1f s for %d)", variant, chunk, done, len(jobs), wall, len(batch))
     prov = provenance(cfg, stage="rollout", variant=variant, chunk=int(chunk),
                       propagator=str(propagator), corrector=str(corrector) if corrector else None)
     out = Path(out_dir)
     for T, frows in frames.items():
         schema.write_rows(frows, frames_file(out, T), "frames", prov=prov)
     schema.write_rows(status_rows, out / "status.parquet", "status", prov=prov)
+    schema.write_rows(priors, out / "priors.parquet", "priors", prov=prov)
     n_div = sum(r["status"] == "diverged" for r in status_rows)
     return {"pairs": len(jobs), "diverged": n_div}
 

@@ -29,13 +29,30 @@ def section(name):
     return json.dumps(CFG[name], sort_keys=True)
 
 
-def _uses_corrector(variant):
-    return CFG["rollout"]["corrector"] and variant != "regressor" and not variant.endswith(NO_CORRECTOR)
-
-
 def propagator_variant(variant):
-    """The trained Propagator a rollout variant uses ("adaptive-noC" -> "adaptive")."""
+    """The Propagator a rollout variant uses ("adaptive-noC" -> "adaptive")."""
     return variant.removesuffix(NO_CORRECTOR)
+
+
+def propagator_file(variant):
+    v = propagator_variant(variant)
+    if v == "published":
+        return f"{R}/models/published/propagator.pt"
+    return f"{R}/train/propagator_{v}/best.pt"
+
+
+def corrector_files(variant):
+    """[] or [the Corrector checkpoint] a rollout variant uses."""
+    if not CFG["rollout"]["corrector"] or variant == "regressor" or variant.endswith(NO_CORRECTOR):
+        return []
+    if variant == "published":
+        return [f"{R}/models/published/corrector.pt"] if PRE["corrector"] else []
+    return [f"{R}/train/corrector/best.pt"]
+
+
+def rollout_chunk_files(name):
+    """``name`` (status.parquet, priors.parquet) of every rollout chunk of every variant."""
+    return [f"{R}/rollout/{v}/chunk_{chunk_str(k)}/{name}" for v in ROLL_VARIANTS for k in rollout_chunks()]
 
 
 def report_analysis_inputs(wildcards):

@@ -1,12 +1,15 @@
 rule report:
     input:
-        manifest=f"{R}/structures/manifest.parquet",
         structures=f"{R}/dataset/structures.parquet",
-        selector=f"{R}/train/selector.pt",
+        labels=f"{R}/dataset/labels.parquet",
+        md_status=f"{R}/dataset/status.parquet",
         analysis=report_analysis_inputs,
+        status=lambda w: rollout_chunk_files("status.parquet"),
+        priors=lambda w: rollout_chunk_files("priors.parquet"),
     output:
         ranking=report(f"{R}/reports/ranking.csv", caption="../report/ranking.rst", category="Ranking"),
         metrics=report(f"{R}/reports/metrics.csv", caption="../report/metrics.rst", category="Metrics"),
+        prior_classes=f"{R}/reports/prior_classes.csv",
         parity=report(directory(f"{R}/reports/parity"), patterns=["{name}.png"],
                       caption="../report/parity.rst", category="Parity"),
         arrhenius=report(directory(f"{R}/reports/arrhenius"), patterns=["{name}.png"],
@@ -14,9 +17,6 @@ rule report:
     params:
         config=RUNCFG,
         cfg=lambda w: section("analysis"),
-        dataset=lambda w, input: os.path.dirname(input.structures),
-        analysis_root=lambda w, input: os.path.dirname(os.path.dirname(input.analysis[0])),
-        rollout_root=f"{R}/rollout",
         out_dir=lambda w, output: os.path.dirname(output.ranking),
     log:
         "logs/report.log",
@@ -26,6 +26,6 @@ rule report:
         runtime=60,
         mem_mb=8000,
     shell:
-        "liflow-screen report --config {params.config} --manifest {input.manifest} --dataset {params.dataset} "
-        "--selector {input.selector} --analysis-root {params.analysis_root} --rollout-root {params.rollout_root} "
+        "liflow-screen report --config {params.config} --structures {input.structures} --labels {input.labels} "
+        "--analysis {input.analysis} --status {input.md_status} {input.status} --priors {input.priors} "
         "--out-dir {params.out_dir} 2> {log}"

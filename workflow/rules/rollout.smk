@@ -2,17 +2,19 @@ rule rollout:
     input:
         manifest=f"{R}/structures/manifest.parquet",
         structures=f"{R}/dataset/structures.parquet",
-        selector=f"{R}/train/selector.pt",
-        propagator=lambda w: f"{R}/train/propagator_{propagator_variant(w.variant)}/best.pt",
-        corrector=lambda w: [f"{R}/train/corrector/best.pt"] if _uses_corrector(w.variant) else [],
+        selector=[f"{R}/train/selector.pt"] if USE_SELECTOR else [],
+        propagator=lambda w: propagator_file(w.variant),
+        corrector=lambda w: corrector_files(w.variant),
     output:
         status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
+        priors=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/priors.parquet",
         frames=expand(f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=ROLL_TEMPS),
     params:
         config=RUNCFG,
         cfg=lambda w: section("rollout"),
         dataset=lambda w, input: os.path.dirname(input.structures),
         corrector=lambda w, input: f"--corrector {input.corrector}" if input.corrector else "",
+        selector=lambda w, input: f"--selector {input.selector}" if input.selector else "",
         out_dir=lambda w, output: os.path.dirname(output.status),
     wildcard_constraints:
         chunk=r"\d{5}",
@@ -27,5 +29,5 @@ rule rollout:
         mem_mb=16000,
     shell:
         "liflow-screen rollout --config {params.config} --threads {threads} --manifest {input.manifest} --dataset {params.dataset} "
-        "--selector {input.selector} --propagator {input.propagator} {params.corrector} "
+        "{params.selector} --propagator {input.propagator} {params.corrector} "
         "--variant {wildcards.variant} --chunk {wildcards.chunk} --out-dir {params.out_dir} 2> {log}"

@@ -2,7 +2,8 @@
 
 For each species group S in {"li", "frame"} a binary MLP classifier (hidden 32, 16 by default)
 maps ``[mean invariant descriptors of the atoms of S] ⊕ [T / 1000 K]`` to P(slow), where the
-label is ``slow = MSD_S / τ < dataset.slow_threshold`` (0.1 Å²/ps). A predicted "slow" group gets
+label is ``slow = rate_S < dataset.slow_threshold`` (0.1 Å²/ps; the rate is the slope of the
+group's multi-origin MSD over the later half of the trajectory, ``analysis.mobility_rate``). A predicted "slow" group gets
 the *small* adaptive prior scale of Eq. (10), a "fast" group the *large* one.
 
 Degenerate cases (documented behaviour):

@@ -259,8 +259,13 @@ def train_flow(
     out_dir: Path,
     max_steps: int | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a Propagator or Corrector; resume from ``out_dir/last.pt`` when it exists.
+
+    init_from: a flow-model checkpoint (e.g. an imported published model) to fine-tune: its
+    architecture, element table, weights and prior settings are kept (the ``train`` section's model
+    sizes and prior scales are then not used); the training itself is unchanged.
 
     cfg: a validated full config (``config.validate``); uses ``cfg["train"]`` and ``cfg["seed"]``.
     max_steps: overrides ``train.max_steps`` (total optimizer steps, counted across resumes).
@@ -288,10 +293,24 @@ def train_flow(
         raise ConfigError("max_steps must be >= 1")
     regressor = variant == "regressor"
     prior = _prior_settings(kind, variant, tcfg)
+    init = None
+    if init_from is not None:
+        init = _load_ckpt(Path(init_from))
+        if init.get("kind") != kind:
+            raise InputError(f"cannot fine-tune a {kind} from {init_from}: it is a {init.get('kind')}")
+        if prior["kind"] == "none" or (init["prior"]["kind"] != prior["kind"]):
+            raise InputError(f"{kind}/{variant}: the {init['prior']['kind']} prior of {init_from} does not fit "
+                             f"the {prior['kind']} variant")
+        prior = copy.deepcopy(init["prior"])
+        dtau = float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan")))
+        if not math.isclose(float(init.get("delta_tau_ps") or float("nan")), dtau, rel_tol=1e-6):
+            raise InputError(f"{init_from} was trained with Δτ = {init.get('delta_tau_ps')} ps, the dataset's "
+                             f"pairs are {dtau} ps apart (dataset.delta_tau_ps)")
     device = resolve_device(str(tcfg.get("device", "auto")))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_digest({"train": {k: v for k, v in tcfg.items() if k not in _RESUMABLE_KEYS}, "seed": seed})
+    digest = config_digest({"train": {k: v for k, v in tcfg.items() if k not in _RESUMABLE_KEYS}, "seed": seed,
+                            "init_from": None if init_from is None else str(init_from)})
 
     s_batch, s_noise, s_val = _seeds(seed, kind)
     # Fixed validation set: batches, flow times and noise drawn once from their own generators.
@@ -299,7 +318,12 @@ def train_flow(
     vgen = torch.Generator().manual_seed(s_val)
     val = [build_batch(val_src.sample(batch_size, vrng), kind, prior, vgen).to(device) for _ in range(n_val)]
 
-    model = _model_from_cfg(tcfg, seed).to(device)
+    if init is not None:
+        model = FlowModel(**init["hparams"])
+        model.load_state_dict(init["model"])
+        model = model.to(device)
+    else:
+        model = _model_from_cfg(tcfg, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(s_batch)
     gen = torch.Generator().manual_seed(s_noise)
@@ -328,7 +352,9 @@ def train_flow(
         best_state, best_val_loss = ck.get("best_model"), float(st.get("best", float("nan")))
 
     meta = {"kind": kind, "variant": variant, "prior": prior, "hparams": model.hparams,
-            "delta_tau_ps": float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan")))}
+            "delta_tau_ps": float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan"))),
+            "fine_tuned_from": None if init is None else {
+                "file": str(init_from), "imported_from": init.get("imported_from"), "step": init.get("step")}}
 
     def write_last(wall: float) -> None:
         _save({
@@ -410,7 +436,8 @@ def flow_meta(path: str | Path) -> dict[str, Any]:
     """kind, variant, prior settings, hparams, Δτ (ps) and provenance of a best.pt / last.pt file."""
     ck = _load_ckpt(Path(path))
     return {k: copy.deepcopy(ck.get(k)) for k in ("kind", "variant", "prior", "hparams", "delta_tau_ps",
-                                                   "provenance", "step", "val_loss", "imported_from")}
+                                                   "provenance", "step", "val_loss", "imported_from",
+                                                   "fine_tuned_from")}
 
 
 def load_flow(path: str | Path, device: torch.device | str = "cpu") -> FlowModel:
