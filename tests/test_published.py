@@ -209,3 +209,64 @@ def test_resolution_explicit_then_cache_then_download(tmp_path, monkeypatch, fil
     # 2. ... and is used from there without the network afterwards
     (root / "C_LPS.ckpt").unlink()
     assert pub.resolve_published("C_LPS", base_url="http://127.0.0.1:9/") == cache / "C_LPS.ckpt"
+
+
+# ----------------------------------------------------------------------------- prior selection, fine-tuning
+@needs_shared
+def test_pilot_prior_selection(universal, one_torch_thread) -> None:
+    """The pilot rollout (large Li prior) classifies Li by its mobility rate, as the MD labels are:
+    Li3N (a fast Li conductor) is fast at 1200 K; Li2O and LiFePO4 (no vacancies) stay slow."""
+    import pandas as pd
+
+    from liflow_screen import config, stages
+
+    fx = np.load(SHARED / "parity_fixture.npz")
+    structs = pd.DataFrame([{"id": s, "numbers": fx[f"{s}/numbers"], "positions": fx[f"{s}/positions"].reshape(-1),
+                             "cell": fx[f"{s}/cell"].reshape(-1)} for s in ("Li3N_2x2x2", "Li2O", "LiFePO4")]
+                           ).set_index("id")
+    cfg = config.validate({"rollout": {"prior_selection": "pilot", "pilot_steps": 6}})
+    jobs = [("Li3N_2x2x2", 1200.0, "test"), ("Li2O", 600.0, "test"), ("Li2O", 1200.0, "test"),
+            ("LiFePO4", 600.0, "test")]
+    prop, corr = load_flow(universal[0]), load_flow(universal[1])
+    got = stages.choose_prior_classes(cfg, "pilot", prop, corr, structs, jobs, None, "cpu", "liflow:published")
+    got = got.set_index(["id", "temperature"])
+    assert not got.loc[("Li3N_2x2x2", 1200), "li_slow"] and got.loc[("Li3N_2x2x2", 1200), "pilot_rate_li"] > 0.2
+    for key in (("Li2O", 600), ("Li2O", 1200), ("LiFePO4", 600)):
+        assert got.loc[key, "li_slow"] and got.loc[key, "pilot_rate_li"] < 0.05, key
+    assert got["frame_slow"].all() and set(got["method"]) == {"pilot"}
+    # the pilot is reproducible (its own seeded stream) and fixed classes need no pilot
+    again = stages.choose_prior_classes(cfg, "pilot", prop, corr, structs, jobs[:1], None, "cpu", "x")
+    assert again["pilot_rate_li"].iloc[0] == got.loc[("Li3N_2x2x2", 1200), "pilot_rate_li"]
+    fast = stages.choose_prior_classes(cfg, "fast", prop, corr, structs, jobs, None, "cpu", "x")
+    assert not fast["li_slow"].any() and not fast["frame_slow"].any()
+
+
+@needs_shared
+def test_fine_tuning_starts_from_imported_weights(universal, tmp_path, one_torch_thread) -> None:
+    from test_train import _pairs
+
+    from liflow_screen import config
+    from liflow_screen.model.train import ListPairSource, train_flow
+
+    cfg = config.validate({"seed": 0, "dataset": {"delta_tau_ps": 1.0},
+                           "train": {"batch_size": 2, "val_every": 2, "val_batches": 1, "device": "cpu"}})
+    src = ListPairSource(_pairs(4, seed=1))  # LiF: Li and F have rows in the published table
+    train_flow("propagator", "adaptive", cfg, src, src, tmp_path / "ft", max_steps=2, progress=False,
+               init_from=universal[0])
+    base, tuned = torch.load(universal[0], weights_only=True), torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
+    meta = flow_meta(tmp_path / "ft" / "best.pt")
+    assert meta["prior"] == base["prior"] and meta["hparams"] == base["hparams"]
+    assert meta["fine_tuned_from"]["imported_from"]["sha256"] == pub.PUBLISHED["P_universal"].sha256
+    assert torch.equal(tuned["model"]["element_rows"], base["model"]["element_rows"])
+    w0, w1 = base["model"]["messages.0.linear_W.weight"], tuned["model"]["messages.0.linear_W.weight"]
+    assert 0 < (w1 - w0).abs().max() < 1e-2  # two Adam steps of lr 3e-4 away from the published weights
+    # refused: another prior kind, another Δτ, another kind of model
+    with pytest.raises(InputError, match="does not fit"):
+        train_flow("propagator", "uniform", cfg, src, src, tmp_path / "u", max_steps=1, progress=False,
+                   init_from=universal[0])
+    with pytest.raises(InputError, match="Δτ"):
+        train_flow("propagator", "adaptive", config.deep_merge(cfg, {"dataset": {"delta_tau_ps": 0.5}}), src, src,
+                   tmp_path / "d", max_steps=1, progress=False, init_from=universal[0])
+    with pytest.raises(InputError, match="cannot fine-tune a corrector"):
+        train_flow("corrector", "uniform", cfg, src, src, tmp_path / "c", max_steps=1, progress=False,
+                   init_from=universal[0])

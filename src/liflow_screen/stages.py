@@ -138,6 +138,15 @@ def train_model(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant
         structs = schema.read_df(root / "structures.parquet", "structures")
         keys = sorted({(t.id, t.temperature) for t in train + val})
         slow = _slow_map(selector_predictions(selector, structs, keys))
+    if init_from is not None:  # the model to fine-tune must have an embedding for every element
+        from .model.train import load_flow
+
+        base = load_flow(init_from)
+        missing = sorted({e for t in train + val for e in base.unsupported_elements(t.numbers)})
+        if missing:
+            raise InputError(f"cannot fine-tune {init_from}: the training data holds {', '.join(missing)}, "
+                             "outside its element table (give pretrained.element_index, or leave those "
+                             "structures out of the MD)")
     k = delta_frames(cfg)
     _discard_stale_state(Path(out_dir), cfg, root, kind, variant, selector, init_from)
     corr_variant = "uniform" if kind == "corrector" else variant
