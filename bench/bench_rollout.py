@@ -1,9 +1,11 @@
 """Rollout throughput: batched LiFlow engine vs the reference implementation's per-structure loop.
 
 Throughput is in structure-ps per second (one Δτ step = 1 ps; each step = n_flow Propagator +
-n_flow Corrector evaluations). Both paths use the same untrained Table A2-size models
-(64 features, 20 Bessel functions, 3 layers, 5 Å cutoff), the same structure (LiFePO4 from
-pymatgen's bundled test structures, 2x2x1 supercell, 112 atoms) and run in the same process.
+n_flow Corrector evaluations). Both paths use the same models: the authors' published universal
+Propagator and Corrector imported from ``--published`` (default ``../shared/liflow-reference``
+when it exists), else untrained Table A2-size models (64 features, 20 Bessel functions, 3 layers,
+5 Å cutoff); the same structure (LiFePO4 from pymatgen's bundled test structures, 2x2x1
+supercell, 112 atoms), and run in the same process.
 
 The reference path mimics the published implementation's inference loop (FlowSimulator): one
 structure at a time, positions copied to numpy between model calls, a CPU neighbour list
@@ -36,10 +38,26 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from liflow_screen.io import versions, write_json_atomic
 from liflow_screen.model.graph import make_batch
 from liflow_screen.model.painn import FlowModel
-from liflow_screen.model.priors import prior_sigma
+from liflow_screen.model.train import load_flow, prior_sigma_for
 from liflow_screen.rollout import rollout
 
 TEMPERATURES = (600.0, 800.0, 1000.0, 1200.0)
+DEFAULT_PUBLISHED = Path(__file__).resolve().parents[1].parent / "shared" / "liflow-reference"
+
+
+def load_models(published: Path | None) -> tuple[FlowModel, FlowModel, str]:
+    """The published universal P and C imported (if the folder holds them), else untrained models."""
+    if published is not None and (published / "P_universal.ckpt").is_file():
+        from liflow_screen.model.published import import_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            import_checkpoint(published / "P_universal.ckpt", Path(tmp) / "P.pt")
+            import_checkpoint(published / "C_universal.ckpt", Path(tmp) / "C.pt")
+            return load_flow(Path(tmp) / "P.pt"), load_flow(Path(tmp) / "C.pt"), "published universal P + C"
+    prop, corr = FlowModel(seed=0).eval(), FlowModel(seed=1).eval()
+    prop.liflow_meta = {"prior": {"kind": "uniform", "scale": 1.0}}
+    corr.liflow_meta = {"prior": {"kind": "uniform", "scale": 0.1}}
+    return prop, corr, "untrained, Table A2 size"
 
 
 def bench_structure() -> Atoms:
@@ -61,22 +79,23 @@ def reference_forward(model: FlowModel, d: torch.Tensor, t: float, g, edge_index
     x1, x2 = g.pos, g.pos + d
     vec1 = x1[j] - x1[i] + shift
     vec2 = x2[j] - x2[i] + shift
-    len1 = torch.sqrt((vec1 * vec1).sum(-1) + 1e-9)
-    len2 = torch.sqrt((vec2 * vec2).sum(-1) + 1e-9)
-    unit1, unit2 = vec1 / len1[:, None], vec2 / len2[:, None]
-    rbf1, rbf2 = model.rbf(len1), model.rbf(len2)
-    cont = torch.cat([model.embed_T(g.temperature / 1000.0), model.embed_t(torch.tensor([t]))], dim=-1)
-    s = model.embedding(g.numbers) + cont[g.batch]
-    v = d[..., None] * model.vec_weight
+    len1, len2 = torch.linalg.vector_norm(vec1, dim=-1), torch.linalg.vector_norm(vec2, dim=-1)
+    unit1, unit2 = vec1 / (len1[:, None] + 1e-8), vec2 / (len2[:, None] + 1e-8)
+    (rbf1, fc1), (rbf2, fc2) = model.radial_embedding(len1), model.radial_embedding(len2)
+    tt = torch.full((g.n_graphs,), t)
+    cont = torch.cat([model.time_embedding(tt), model.temp_embedding(g.temperature / model.ref_temp)], dim=-1)
+    s = model.atom_embedding(model.element_index(g.numbers)) + cont[g.batch]
+    v = d[..., None] * model.linear_v.weight[:, 0]
     feat = model.features
-    for inter, mix in zip(model.interactions, model.mixings):
-        x = inter.context(s)[j] * (inter.filter(rbf1) + inter.filter(rbf2))
+    for message, update in zip(model.messages, model.updates):
+        w = message.linear_W(rbf1) * fc1[:, None] + message.linear_W(rbf2) * fc2[:, None]
+        x = message.mlp_phi(s)[j] * w
         fs, fvv, fvs1, fvs2 = torch.split(x, feat, dim=-1)
         msg = v[j] * fvv[:, None] + fvs1[:, None] * unit1[..., None] + fvs2[:, None] * unit2[..., None]
-        s = s + torch.zeros_like(s).index_add(0, i, fs) * inter.norm
-        v = v + torch.zeros_like(v).index_add(0, i, msg) * inter.norm
-        s, v = mix(s, v)
-    return model.readout(s, v)
+        s = s + torch.zeros_like(s).index_add(0, i, fs)
+        v = v + torch.zeros_like(v).index_add(0, i, msg)
+        s, v = update(s, v)
+    return model.output_block(s, v)
 
 
 def reference_step(prop: FlowModel, corr: FlowModel, atoms: Atoms, temperature: float, n_flow: int,
@@ -117,14 +136,20 @@ def check_reference_forward(model: FlowModel, atoms: Atoms) -> float:
     return float((ref - ours).abs().max() / ours.abs().max())
 
 
+def sigmas(prop: FlowModel, corr: FlowModel, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior widths (Å) of the models' own priors; adaptive classes: Li and frame slow (LiFePO4)."""
+    slow = torch.ones(g.n_graphs, dtype=torch.bool)
+    return (prior_sigma_for(g, prop.liflow_meta["prior"], slow, slow),
+            prior_sigma_for(g, corr.liflow_meta["prior"], slow, slow))
+
+
 def time_reference(prop, corr, atoms, n_struct: int, n_steps: int, n_flow: int) -> dict:
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     for k in range(n_struct):
         temp = TEMPERATURES[k % len(TEMPERATURES)]
         g = make_batch([atoms.numbers], [atoms.positions], [atoms.cell.array], [temp])
-        sig_p = prior_sigma(g, "uniform", 1.0).numpy().astype(np.float64)
-        sig_c = prior_sigma(g, "uniform", 0.1).numpy().astype(np.float64)
+        sig_p, sig_c = (x.numpy().astype(np.float64) for x in sigmas(prop, corr, g))
         a = atoms.copy()
         for _ in range(n_steps):
             a.set_positions(reference_step(prop, corr, a, temp, n_flow, rng, sig_p, sig_c))
@@ -136,7 +161,7 @@ def time_reference(prop, corr, atoms, n_struct: int, n_steps: int, n_flow: int) 
 def time_batched(prop, corr, atoms, n_struct: int, n_steps: int, n_flow: int) -> dict:
     temps = [TEMPERATURES[k % len(TEMPERATURES)] for k in range(n_struct)]
     g = make_batch([atoms.numbers] * n_struct, [atoms.positions] * n_struct, [atoms.cell.array] * n_struct, temps)
-    sig_p, sig_c = prior_sigma(g, "uniform", 1.0), prior_sigma(g, "uniform", 0.1)
+    sig_p, sig_c = sigmas(prop, corr, g)
     t0 = time.perf_counter()
     res = rollout(prop, corr, g, sig_p, sig_c, n_steps=n_steps, n_flow=n_flow,
                   generator=torch.Generator().manual_seed(0))
@@ -182,11 +207,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both paths (1 avoids OpenMP stalls on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--published", type=Path, default=DEFAULT_PUBLISHED,
+                    help="folder with P_universal.ckpt / C_universal.ckpt (none: untrained Table A2 models)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     atoms = bench_structure()
-    prop, corr = FlowModel(seed=0).eval(), FlowModel(seed=1).eval()
+    prop, corr, models = load_models(args.published)
     n_edges = len(neighbor_list("i", atoms, prop.cutoff))
     ref_rel_err = max(check_reference_forward(prop, atoms), check_reference_forward(corr, atoms))
     if ref_rel_err > 1e-4:
@@ -226,7 +253,8 @@ def main() -> None:
         "structure": {"formula": atoms.get_chemical_formula(), "n_atoms": len(atoms),
                       "source": "pymatgen util/structures/LiFePO4.json, 2x2x1 supercell",
                       "edges_5A": n_edges},
-        "model": {**prop.hparams, "n_parameters": prop.n_parameters(), "trained": False},
+        "model": {**prop.hparams, "n_parameters": prop.n_parameters(), "models": models,
+                  "priors": [prop.liflow_meta["prior"], corr.liflow_meta["prior"]]},
         "reference_per_structure_loop": {
             "structure_ps_per_s": statistics.median(ref_rates), "structure_ps_per_s_runs": ref_rates,
             "n_structures": ref_struct, "n_steps": ref_steps,
