@@ -1,4 +1,17 @@
-"""Tests of liflow_screen.report on a tiny fabricated dataset (Brownian Li, Arrhenius D)."""
+"""Known-answer tests of the analysis and ranking reports (liflow_screen.report).
+
+Synthetic crystals with known answers: Li on a simple cubic lattice (a = 3 Å) hopping between
+sites at a Poisson rate Γ(T) (D* = a² Γ / 6, following a known E_A), with thermal vibration on
+top; frame atoms on the body centres. Structures:
+
+* ``s1``, ``s2``: Li hop, E_A = 0.20 / 0.40 eV: D* and E_A recovered within their intervals, ranked
+  in the order of their true σ(300 K);
+* ``s3``: Li hop (E_A 0.30 eV), but its reference MD's frame melts at 1200 K: 1200 K leaves the fit;
+* ``s4``: Li hop (E_A 0.25 eV), rollout diverged at 800 K: fitted from 1000 and 1200 K;
+* ``vib``: Li only vibrate: an upper bound per temperature, never a ranked conductor;
+* ``drift``: a vibrating crystal whose frame drifts apart: flagged frame_melted, unranked;
+* ``liquid``: Brownian (continuous) Li, no sites: flagged li_molten, unranked.
+"""
 
 from __future__ import annotations
 
@@ -16,95 +29,260 @@ from liflow_screen import config, schema
 from liflow_screen.errors import InputError, SchemaError
 from liflow_screen.report import analyze_trajectories, compute_ranking, read_analysis, write_reports
 
-BOX = 7.0
-N_LI, N_O = 8, 8
-DT = 0.1  # ps between saved frames
-N_FRAMES = 21
-# structure -> (split, E_A eV); D(T) = D0 exp(-E_A / kT) in Å²/ps
-STRUCTS = {"s1": ("test", 0.20), "s2": ("test", 0.50), "s3": ("train", 0.35)}
-D0 = 40.0
-# (id, T, source): number of frames written (a diverged rollout is truncated)
-TRAJ = {
-    **{(s, 600, "md"): N_FRAMES for s in ("s1", "s2", "s3")},
-    ("s3", 1000, "md"): N_FRAMES,
-    **{(s, T, "liflow:adaptive"): N_FRAMES for s in STRUCTS for T in (600, 1000)},
-    **{(s, 600, "liflow:uniform"): N_FRAMES for s in STRUCTS},
-}
-TRAJ[("s2", 600, "liflow:adaptive")] = 6  # diverged after 0.5 ps
+A = 3.0           # Å, Li-Li site spacing (simple cubic)
+NSIDE = 3         # 27 Li sites in a 9 Å cube, 27 frame atoms on the body centres
+BOX = A * NSIDE
+N_LI = NSIDE ** 3
+TEMPS = (800, 1000, 1200)
+SIG_LI, SIG_FR = 0.12, 0.08  # Å, vibration per Cartesian component
+ROLL_DT, ROLL_FRAMES = 1.0, 31    # LiFlow-like: 1-ps frames, 30 ps
+MD_DT, MD_FRAMES = 0.1, 101       # MD-like: 0.1-ps frames, 10 ps
+#: id -> (split, E_A eV, D*(1200 K) Å²/ps); None = Li do not hop
+KIND = {"s1": ("train", 0.20, 1.5), "s2": ("train", 0.40, 1.0), "s3": ("test", 0.30, 1.2),
+        "s4": ("train", 0.25, 1.0), "vib": ("train", None, 0.0), "drift": ("train", None, 0.0),
+        "liquid": ("train", 0.10, 3.0)}
 
 
-def _d_true(sid: str, T: float) -> float:
-    return D0 * math.exp(-STRUCTS[sid][1] / (an.K_B_EV * T))
+def d_true(sid: str, T: float) -> float:
+    """Known D* (Å²/ps)."""
+    _, e_a, d1200 = KIND[sid]
+    if e_a is None:
+        return 0.0
+    return d1200 * math.exp(-e_a / an.K_B_EV * (1.0 / T - 1.0 / 1200.0))
 
 
-def _positions(sid: str, T: int, source: str, n_frames: int) -> np.ndarray:
-    seed = zlib.crc32(f"{sid}|{T}|{source}".encode())
-    rng = np.random.default_rng(seed)
-    n = N_LI + N_O
-    base = np.random.default_rng(zlib.crc32(sid.encode())).uniform(0, BOX, (n, 3))
-    scale = np.full(n, math.sqrt(2 * _d_true(sid, T) * DT))
-    scale[N_LI:] = 0.02
-    steps = rng.normal(0.0, 1.0, (n_frames - 1, n, 3)) * scale[None, :, None]
-    return (base[None] + np.concatenate([np.zeros((1, n, 3)), np.cumsum(steps, axis=0)])).astype(np.float32)
+def _sites() -> tuple[np.ndarray, np.ndarray]:
+    g = np.stack(np.meshgrid(*[np.arange(NSIDE)] * 3, indexing="ij"), -1).reshape(-1, 3) * A
+    return g.astype(float), g + A / 2
+
+
+def trajectory(sid: str, T: int, source: str, dt: float, n_frames: int, frame_drift: float = 0.0) -> np.ndarray:
+    """(F, 54, 3) unwrapped positions, Å: Li hops (or Brownian for 'liquid') + vibration."""
+    rng = np.random.default_rng(zlib.crc32(f"{sid}|{T}|{source}".encode()))
+    li0, fr0 = _sites()
+    d = d_true(sid, T)
+    if sid == "liquid":  # continuous random walk: no sites
+        li = np.cumsum(rng.normal(0, math.sqrt(2 * d * dt), (n_frames, N_LI, 3)), axis=0)
+        li -= li[0]
+    else:
+        gamma = 6.0 * d / A ** 2  # hops per ps
+        hops = rng.poisson(gamma * dt, (n_frames - 1, N_LI))
+        step = np.zeros((n_frames - 1, N_LI, 3))
+        for f, k in zip(*np.nonzero(hops)):
+            for _ in range(hops[f, k]):
+                step[f, k, rng.integers(3)] += A * rng.choice((-1.0, 1.0))
+        li = np.concatenate([np.zeros((1, N_LI, 3)), np.cumsum(step, axis=0)])
+    fr = np.zeros((n_frames, N_LI, 3))
+    if frame_drift > 0:
+        fr = np.cumsum(rng.normal(0, math.sqrt(2 * frame_drift * dt), (n_frames, N_LI, 3)), axis=0)
+        fr -= fr[0]
+    pos = np.concatenate([li0 + li + rng.normal(0, SIG_LI, li.shape), fr0 + fr + rng.normal(0, SIG_FR, fr.shape)], 1)
+    return pos.astype(np.float32)
+
+
+def _plan() -> dict[tuple[str, int, str], dict]:
+    """(id, T, source) -> how to make it."""
+    plan = {}
+    for sid in KIND:
+        for T in TEMPS:
+            spec = {"dt": ROLL_DT, "n": ROLL_FRAMES, "drift": 0.0, "status": "ok"}
+            if sid == "drift":
+                spec["drift"] = 0.2  # Å²/ps: the frame comes apart
+            if sid == "s4" and T == 800:
+                spec.update(n=12, status="diverged")
+            plan[(sid, T, "liflow:adaptive")] = spec
+    for T in TEMPS:  # reference MD of the test structure; its frame melts at 1200 K
+        plan[("s3", T, "md")] = {"dt": MD_DT, "n": MD_FRAMES, "drift": 2.0 if T == 1200 else 0.0, "status": "ok"}
+    return plan
+
+
+PLAN = _plan()
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    numbers = [3] * N_LI + [8] * N_O
+    numbers = [3] * N_LI + [8] * N_LI
     cell = (np.eye(3) * BOX).reshape(-1).tolist()
+    li0, fr0 = _sites()
     srows = [{"id": s, "reduced_formula": "LiO", "split": sp, "numbers": numbers, "cell": cell,
-              "positions": [0.0] * (3 * (N_LI + N_O)), "n_atoms": N_LI + N_O, "n_li": N_LI, "desc_li": [0.0],
-              "desc_frame": [0.0], "energy": -1.0, "relax_status": "ok"} for s, (sp, _) in STRUCTS.items()]
+              "positions": np.concatenate([li0, fr0]).reshape(-1).tolist(), "n_atoms": 2 * N_LI, "n_li": N_LI,
+              "desc_li": [0.0], "desc_frame": [0.0], "energy": -1.0, "relax_status": "ok"}
+             for s, (sp, _, _) in KIND.items()]
     schema.write_rows(srows, root / "structures.parquet", "structures")
-    positions: dict[tuple[str, int, str], np.ndarray] = {}
-    by_file: dict[tuple[int, str, str], list[dict]] = {}
-    status = []
-    for (sid, T, src), nf in TRAJ.items():
-        pos = _positions(sid, T, src, nf)
+    positions, by_file, status = {}, {}, []
+    for (sid, T, src), spec in PLAN.items():
+        pos = trajectory(sid, T, src, spec["dt"], spec["n"], spec["drift"])
         positions[(sid, T, src)] = pos
-        split = STRUCTS[sid][0]
-        for k in range(nf):
+        split = KIND[sid][0]
+        for k in range(spec["n"]):
             by_file.setdefault((T, split, src), []).append(
-                {"id": sid, "source": src, "frame": k, "time_ps": k * DT, "positions": pos[k].reshape(-1).tolist(),
+                {"id": sid, "source": src, "frame": k, "time_ps": k * spec["dt"], "positions": pos[k].reshape(-1),
                  "energy": None, "temperature_inst": None})
-        diverged = nf < N_FRAMES
-        status.append({"id": sid, "temperature": T, "split": split, "source": src,
-                       "status": "diverged" if diverged else "ok", "reason": "max displacement" if diverged else "",
-                       "n_frames": nf, "duration_ps": (nf - 1) * DT, "wall_s": 0.1})
+        status.append({"id": sid, "temperature": T, "split": split, "source": src, "status": spec["status"],
+                       "reason": "max displacement" if spec["status"] != "ok" else "", "n_frames": spec["n"],
+                       "duration_ps": (spec["n"] - 1) * spec["dt"], "wall_s": 0.1})
     for (T, split, src), rows in by_file.items():
         part = schema.frame_partition_path(root / "frames", T, split)
         schema.write_rows(rows, part / f"{src.replace(':', '_')}.parquet", "frames")
     schema.write_rows(status, root / "status.parquet", "status")
-    cfg = config.validate({"analysis": {"kinisi_samples": 200, "kinisi_n_dt": 10, "top_n": 2}})
+    cfg = config.validate({"analysis": {"kinisi_samples": 500, "kinisi_n_dt": 15, "top_n": 3}})
     table = analyze_trajectories(root / "frames", root / "structures.parquet", root / "analysis.parquet", cfg,
                                  status=[root / "status.parquet"])
-    return {"root": root, "positions": positions, "cfg": cfg, "table": table}
+    return {"root": root, "positions": positions, "cfg": cfg, "table": read_analysis(table)}
 
 
-def test_analysis_table_rows_and_values(dataset):
-    df = read_analysis(dataset["root"] / "analysis.parquet")
-    assert len(df) == len(TRAJ)
-    assert set(zip(df["id"], df["temperature"], df["source"])) == set(TRAJ)
+def _row(df: pd.DataFrame, sid: str, T: int, src: str = "liflow:adaptive") -> pd.Series:
+    return df[(df["id"] == sid) & (df["temperature"] == T) & (df["source"] == src)].iloc[0]
+
+
+def test_analysis_rows_msd_and_hop_length(dataset):
+    df = dataset["table"]
+    assert len(df) == len(PLAN) and set(zip(df["id"], df["temperature"], df["source"])) == set(PLAN)
     for r in df.itertuples(index=False):
         pos = dataset["positions"][(r.id, r.temperature, r.source)].astype(np.float64)
         li = np.arange(pos.shape[1]) < N_LI
         assert r.msd_li == pytest.approx(np.mean(np.sum((pos[-1, li] - pos[0, li]) ** 2, axis=1)), rel=1e-6)
         assert r.msd_frame == pytest.approx(np.mean(np.sum((pos[-1, ~li] - pos[0, ~li]) ** 2, axis=1)), rel=1e-6)
-        assert r.n_frames == pos.shape[0]
         assert r.stable == (r.status == "ok")
-        assert r.D_method == "kinisi"
-        assert r.D_li_low < r.D_li < r.D_li_high
+        # hop length: shortest Li-Li distance of frame 0, a = 3 Å up to the vibration
+        assert abs(r.li_hop_A - A) < 6 * SIG_LI
         assert len(r.rdf) == dataset["cfg"]["analysis"]["rdf_bins"]
-    s2 = df[(df["id"] == "s2") & (df["source"] == "liflow:adaptive") & (df["temperature"] == 600)].iloc[0]
-    assert s2["status"] == "diverged" and not s2["stable"]
-    # D* tracks the synthetic Arrhenius law within a factor 2 (few atoms, 2 ps)
-    full = df[df["n_frames"] == N_FRAMES]
-    ratio = full["D_li"] / [_d_true(s, T) * 1e-4 for s, T in zip(full["id"], full["temperature"])]
-    assert ratio.between(0.5, 2.0).all(), ratio.tolist()
-    from liflow_screen.schema import read_provenance
 
-    assert read_provenance(dataset["root"] / "analysis.parquet")["stage"] == "analysis"
+
+def test_known_diffusivities_recovered(dataset):
+    """Resolved hopping Li: kinisi's 95 % interval holds the true D* (cm²/s) at every temperature."""
+    df = dataset["table"]
+    for sid in ("s1", "s2", "s3"):
+        for T in TEMPS:
+            r = _row(df, sid, T)
+            assert r["li_resolved"] and r["D_method"] == "kinisi", (sid, T, r["D_note"])
+            want = d_true(sid, T) * 1e-4
+            assert r["D_li_low"] <= want <= r["D_li_high"], (sid, T, r["D_li_low"], want, r["D_li_high"])
+            assert abs(r["D_li"] / want - 1) < 0.35
+            assert not r["li_molten"] and not r["frame_melted"]
+            assert r["li_site_occupancy"] > 0.9
+
+
+def test_vibration_only_gives_an_upper_bound(dataset):
+    df = dataset["table"]
+    for T in TEMPS:
+        r = _row(df, "vib", T)
+        assert not r["li_resolved"] and r["D_method"] == "bound:hop"
+        assert math.isnan(r["D_li"]) and math.isnan(r["D_li_low"])
+        # the bound: a² / (6 τ_obs) with τ_obs = 30 ps - 1 ps plateau lag, in cm²/s
+        assert r["li_tau_obs_ps"] == pytest.approx(29.0)
+        assert r["D_li_bound"] == pytest.approx(r["li_hop_A"] ** 2 / (6 * 29.0) * 1e-4, rel=1e-9)
+        # excess over the plateau is vibration noise: far below one hop
+        assert abs(r["li_msd_excess"]) < 0.2 and r["li_msd_plateau"] == pytest.approx(
+            2 * 3 * SIG_LI ** 2, rel=0.3)
+        assert "MSD excess" in r["D_note"]
+
+
+def test_sanity_flags(dataset):
+    df = dataset["table"]
+    for T in TEMPS:
+        assert _row(df, "drift", T)["frame_melted"] and not _row(df, "vib", T)["frame_melted"]
+        liq = _row(df, "liquid", T)
+        assert liq["li_molten"] and liq["li_site_occupancy"] < 0.5
+        assert not _row(df, "s1", T)["li_molten"]
+    assert _row(df, "s3", 1200, "md")["frame_melted"] and not _row(df, "s3", 1000, "md")["frame_melted"]
+    assert _row(df, "s4", 800)["status"] == "diverged"
+
+
+def _true_sigma(sid: str) -> float:
+    d300 = d_true(sid, 300.0) * 1e-4
+    return an.nernst_einstein_conductivity(d300, N_LI, BOX ** 3, 300.0)
+
+
+def test_ranking_only_resolved_in_true_order(dataset, tmp_path):
+    root = dataset["root"]
+    priors = pd.DataFrame({"id": ["s1", "s2"], "temperature": [800, 800], "source": ["liflow:adaptive"] * 2,
+                           "uncertain": [False, True]})
+    out = write_reports([root / "analysis.parquet"], root / "structures.parquet", [root / "status.parquet"],
+                        priors, tmp_path / "reports", dataset["cfg"])
+    rk = pd.read_csv(out["ranking"])
+    ranked = rk[rk["status"] == "ranked"]
+    # exactly the structures with >= 2 usable temperatures, in the order of their TRUE σ(300 K)
+    assert sorted(ranked["id"]) == ["s1", "s2", "s3", "s4"]
+    assert ranked["id"].tolist() == sorted(ranked["id"], key=_true_sigma, reverse=True)
+    assert ranked["rank"].tolist() == [1, 2, 3, 4]
+    assert rk.loc[rk["status"] != "ranked", "rank"].isna().all()
+    assert rk["id"].tolist()[:4] == ranked["id"].tolist()  # unranked rows come after
+    by = rk.set_index("id")
+    for sid in ("s1", "s2", "s3", "s4"):
+        _, e_a, _ = KIND[sid]
+        assert by.loc[sid, "E_A_eV_low"] <= e_a <= by.loc[sid, "E_A_eV_high"], sid
+        hand = (N_LI / (BOX ** 3 * 1e-24)) * (1.602176634e-19) ** 2 * by.loc[sid, "D_300K"] / (1.380649e-23 * 300.0)
+        assert by.loc[sid, "sigma_300K_S_cm"] == pytest.approx(hand, rel=1e-4)
+    assert by.loc["s1", "arrhenius_T"] == "800;1000;1200"
+    # excluded temperatures say why
+    assert by.loc["s3", "arrhenius_T"] == "800;1000" and "md_melts_from_1200K" in by.loc["s3", "flags_1200K"]
+    assert by.loc["s3", "md_melts_from_K"] == 1200
+    assert by.loc["s4", "arrhenius_T"] == "1000;1200" and "diverged" in by.loc["s4", "flags_800K"]
+    # never ranked: vibration (bounds), drifting frame, molten Li sublattice; each with its reason
+    for sid, st, word in (("vib", "unresolved", "unresolved"), ("drift", "unstable", "frame_melted"),
+                          ("liquid", "unstable", "li_molten")):
+        assert by.loc[sid, "status"] == st and word in by.loc[sid, "reason"], (sid, by.loc[sid, "reason"])
+        assert math.isnan(by.loc[sid, "sigma_300K_S_cm"]) and math.isnan(by.loc[sid, "E_A_eV"])
+    for T in TEMPS:
+        assert by.loc["vib", f"D_method_{T}K"] == "bound:hop" and by.loc["vib", f"D_pred_{T}K_bound"] > 0
+        assert math.isnan(by.loc["vib", f"D_pred_{T}K"])
+    assert by.loc["s2", "prior_class_uncertain"] and not by.loc["s1", "prior_class_uncertain"]
+    # plots agree with the table: one Arrhenius plot per ranked structure (top_n = 3), none for others
+    names = [p.name for p in out["arrhenius"]]
+    assert len(names) == 3 and all(any(n.startswith(f"arrhenius_{k:02d}_") for n in names) for k in (1, 2, 3))
+    prov = json.loads((tmp_path / "reports" / "ranking.provenance.json").read_text())
+    assert prov["stage"] == "report"
+    assert not list(Path(tmp_path / "reports").rglob("*.tmp"))
+
+
+def test_metrics_common_tau_and_warnings(dataset, tmp_path):
+    root = dataset["root"]
+    out = write_reports([root / "analysis.parquet"], root / "structures.parquet", [root / "status.parquet"],
+                        None, tmp_path / "reports", dataset["cfg"])
+    m = pd.read_csv(out["metrics"])
+    assert sorted(m["temperature"]) == list(TEMPS) and set(m["model"]) == {"adaptive"}
+    row = m[m["temperature"] == 1000].iloc[0]
+    # one test structure (s3): compared at τ = min(10 ps MD, 30 ps rollout), n = 1 -> warned
+    assert row["tau_ps"] == pytest.approx(10.0) and row["n"] == 1 and "n = 1 < 3" in row["warning"]
+    ref = dataset["positions"][("s3", 1000, "md")].astype(float)
+    gen = dataset["positions"][("s3", 1000, "liflow:adaptive")].astype(float)
+    li = np.arange(ref.shape[1]) < N_LI
+    msd_ref = np.mean(np.sum((ref[100, li] - ref[0, li]) ** 2, axis=1))
+    msd_gen = np.mean(np.sum((gen[10, li] - gen[0, li]) ** 2, axis=1))
+    assert row["log_msd_li_mae"] == pytest.approx(abs(np.log10(msd_gen) - np.log10(msd_ref)), rel=1e-4)
+    assert row["stable_pct"] == 100.0 and row["phys_stable_pct"] == 100.0
+    # τ shorter than 3 Δτ is warned about too
+    short = compute_metrics_at(dataset, 2.0)
+    assert "spans fewer than 3 Δτ" in short[short["temperature"] == 1000]["warning"].iloc[0]
+
+
+def compute_metrics_at(dataset, tau: float) -> pd.DataFrame:
+    from liflow_screen.report import compute_metrics
+
+    return compute_metrics(dataset["table"], None, ("test",), tau_ps=tau, delta_tau_ps=1.0)
+
+
+def test_physical_stability_counts_melted_frames(dataset):
+    from liflow_screen.report import compute_metrics
+
+    df = dataset["table"].copy()
+    df.loc[df["id"] == "drift", "split"] = "test"
+    m = compute_metrics(df, None, ("test",))
+    row = m[m["temperature"] == 800].iloc[0]
+    assert row["stable_pct"] == 100.0 and row["phys_stable_pct"] == 50.0  # drift's frame came apart
+
+
+def test_ranking_variant_choice_and_errors(dataset):
+    df = dataset["table"]
+    st = schema.read_df(dataset["root"] / "structures.parquet", "structures")
+    rk, _ = compute_ranking(df, st, variant="adaptive")
+    assert set(rk["source"]) == {"liflow:adaptive"}
+    with pytest.raises(InputError):
+        compute_ranking(df, st, variant="isotropic")
+    with pytest.raises(SchemaError):
+        read_analysis(df.drop(columns=["rdf"]))
 
 
 def test_analyze_rejects_unknown_structure(dataset, tmp_path):
@@ -115,80 +293,3 @@ def test_analyze_rejects_unknown_structure(dataset, tmp_path):
     assert not (tmp_path / "a.parquet").exists()
     with pytest.raises(SchemaError):
         analyze_trajectories(tmp_path / "nothing", st, tmp_path / "a.parquet", dataset["cfg"])
-
-
-def _msd(pos: np.ndarray, k: int, li: bool) -> float:
-    m = (np.arange(pos.shape[1]) < N_LI) if li else (np.arange(pos.shape[1]) >= N_LI)
-    return float(np.mean(np.sum((pos[k, m].astype(float) - pos[0, m].astype(float)) ** 2, axis=1)))
-
-
-def test_reports_metrics_ranking_plots(dataset, tmp_path):
-    root, positions, cfg = dataset["root"], dataset["positions"], dataset["cfg"]
-    flags = pd.DataFrame({"id": ["s1", "s2"], "temperature": [600, 600], "source": ["liflow:adaptive"] * 2,
-                          "uncertain": [False, True]})
-    out = write_reports([root / "analysis.parquet"], root / "structures.parquet", [root / "status.parquet"],
-                        flags, tmp_path / "reports", cfg)
-
-    # ---- metrics.csv: one row per (T, variant) ----
-    m = pd.read_csv(out["metrics"])
-    assert list(zip(m["temperature"], m["model"])) == [(600, "adaptive"), (600, "uniform"), (1000, "adaptive")]
-    for col in ("log_msd_li_mae", "log_msd_li_spearman", "log_msd_frame_mae", "rdf_mae", "stable_pct", "n", "note"):
-        assert col in m.columns
-    row = m[(m["temperature"] == 600) & (m["model"] == "adaptive")].iloc[0]
-    # independent: test structures s1 (full) and s2 (diverged at frame 5 -> compared at 0.5 ps)
-    ref = [_msd(positions[("s1", 600, "md")], N_FRAMES - 1, True), _msd(positions[("s2", 600, "md")], 5, True)]
-    gen = [_msd(positions[("s1", 600, "liflow:adaptive")], N_FRAMES - 1, True),
-           _msd(positions[("s2", 600, "liflow:adaptive")], 5, True)]
-    assert row["log_msd_li_mae"] == pytest.approx(np.mean(np.abs(np.log10(gen) - np.log10(ref))), rel=1e-4)
-    assert row["n"] == 2
-    assert row["stable_pct"] == pytest.approx(50.0)
-    uni = m[(m["temperature"] == 600) & (m["model"] == "uniform")].iloc[0]
-    assert uni["stable_pct"] == pytest.approx(100.0)
-    hot = m[m["temperature"] == 1000].iloc[0]
-    assert math.isnan(hot["log_msd_li_mae"]) and "no reference MD" in hot["note"]
-    assert hot["n"] == 0
-
-    # ---- ranking.csv ----
-    rk = pd.read_csv(out["ranking"])
-    assert rk["id"].tolist() == ["s1", "s3", "s2"]  # lowest E_A -> highest σ(300 K)
-    assert rk["rank"].tolist() == [1, 2, 3]
-    for col in ("id", "formula", "split", "D_pred_600K", "D_pred_600K_low", "D_pred_1000K_high", "E_A_eV",
-                "E_A_eV_low", "E_A_eV_high", "D_300K", "D_300K_low", "D_300K_high", "sigma_300K_S_cm",
-                "sigma_300K_S_cm_low", "sigma_300K_S_cm_high", "D_ref_600K", "D_ref_1000K", "diverged",
-                "extrapolated_temperature", "classifier_uncertain"):
-        assert col in rk.columns, col
-    sig = rk["sigma_300K_S_cm"].to_numpy()
-    assert np.all(np.diff(sig) <= 0)
-    vol = BOX**3
-    for r in rk.itertuples(index=False):
-        hand = (N_LI / (vol * 1e-24)) * (1.602176634e-19) ** 2 * r.D_300K / (1.380649e-23 * 300.0)
-        assert r.sigma_300K_S_cm == pytest.approx(hand, rel=1e-4)
-        assert r.E_A_eV_low < r.E_A_eV < r.E_A_eV_high
-        assert r.extrapolated_temperature
-    by_id = rk.set_index("id")
-    assert by_id.loc["s2", "diverged"] and not by_id.loc["s1", "diverged"]
-    assert by_id.loc["s2", "classifier_uncertain"] and not by_id.loc["s1", "classifier_uncertain"]
-    assert math.isnan(by_id.loc["s1", "D_ref_1000K"]) and by_id.loc["s3", "D_ref_1000K"] > 0
-    assert abs(by_id.loc["s1", "E_A_eV"] - 0.20) < 0.12 and abs(by_id.loc["s2", "E_A_eV"] - 0.50) < 0.12
-
-    # ---- plots and provenance ----
-    assert [p.name for p in out["parity"]] == ["parity_600K.png", "parity_1000K.png"]
-    assert len(out["arrhenius"]) == 2 and out["arrhenius"][0].name.startswith("arrhenius_01_s1")
-    for p in out["parity"] + out["arrhenius"]:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    prov = json.loads((tmp_path / "reports" / "ranking.provenance.json").read_text())
-    assert prov["stage"] == "report" and prov["config"]["analysis"]["top_n"] == 2
-    assert (tmp_path / "reports" / "metrics.provenance.json").is_file()
-    assert not list(Path(tmp_path / "reports").rglob("*.tmp"))
-
-
-def test_ranking_variant_choice_and_errors(dataset):
-    df = dataset["table"]
-    st = schema.read_df(dataset["root"] / "structures.parquet", "structures")
-    rk, _ = compute_ranking(df, st, variant="uniform")
-    assert set(rk["source"]) == {"liflow:uniform"}
-    assert rk["extrapolated_temperature"].all() and rk["E_A_eV"].isna().all()  # one temperature only
-    with pytest.raises(InputError):
-        compute_ranking(df, st, variant="isotropic")
-    with pytest.raises(SchemaError):
-        read_analysis(df.drop(columns=["rdf"]))

@@ -170,7 +170,121 @@ def mobility_rate(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequ
 
 
 # --------------------------------------------------------------------------------------------
-# self-diffusion: kinisi (Bayesian) with a coarse dt grid; OLS only as a labelled fallback
+# is diffusion resolved? vibrational plateau, excess MSD, hop length, resolution bound
+# --------------------------------------------------------------------------------------------
+
+#: Lag (ps) by which a crystal's vibrational MSD has reached its plateau (a few vibrational periods of
+#: 0.05-0.2 ps); the MSD at this lag (or at the first saved frame after it) is the trajectory's plateau.
+PLATEAU_PS = 0.5
+#: Li-sublattice melting: a Li atom is "on a site" within this fraction of the Li hop length of an
+#: initial Li site; the sublattice counts as molten when fewer than MOLTEN_OCCUPANCY of Li positions are.
+SITE_RADIUS_FRACTION = 1.0 / 3.0
+MOLTEN_OCCUPANCY = 0.5
+#: Framework melting / collapse: an element's excess MSD reaching this fraction of its site spacing, squared
+#: (on average halfway to the nearest equivalent site: no longer on its own).
+FRAME_MELT_FRACTION = 0.5
+
+
+def excess_msd(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
+               plateau_ps: float = PLATEAU_PS) -> dict[str, float]:
+    """MSD in excess of the vibrational plateau, measured from the trajectory itself.
+
+    With the multi-origin MSD(lag) of the atoms in ``mask``: plateau = MSD at the first lag >=
+    ``plateau_ps`` (at least one frame), end = MSD at the full length; excess = end - plateau (Å²)
+    over ``tau_obs_ps`` = length - plateau lag. Returns plateau, end, excess (Å²), tau_obs_ps,
+    plateau_lag_ps. Fewer than two usable lags give NaN excess and tau_obs_ps 0.
+    """
+    x = _as_traj(pos)
+    m = _as_mask(mask, x.shape[1])
+    t = np.asarray(times_ps, dtype=np.float64)
+    nan = {"plateau": math.nan, "end": math.nan, "excess": math.nan, "tau_obs_ps": 0.0, "plateau_lag_ps": math.nan}
+    if x.shape[0] < 3:
+        return nan
+    step = frame_step_ps(t)
+    lags, msd = msd_multi_origin(x, m)
+    k = max(1, int(math.ceil(plateau_ps / step - 1e-9)))
+    if k >= lags[-1]:
+        return nan
+    return {"plateau": float(msd[k]), "end": float(msd[-1]), "excess": float(msd[-1] - msd[k]),
+            "tau_obs_ps": float((lags[-1] - k) * step), "plateau_lag_ps": float(k * step)}
+
+
+def hop_length(positions: np.ndarray, cell: np.ndarray, numbers: np.ndarray, z: int, cutoff: float = 8.0) -> float:
+    """Shortest distance (Å) between two atoms (or periodic images) of element ``z`` in a structure:
+    the shortest site-to-site jump available to it (``cutoff`` if none is closer)."""
+    from .geometry import shortest_distance
+
+    mask = np.asarray(numbers) == int(z)
+    if not mask.any():
+        return math.nan
+    return shortest_distance(positions, cell, mask, cutoff=cutoff)
+
+
+def diffusion_resolution(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
+                         hop_A: float, plateau_ps: float = PLATEAU_PS) -> dict[str, Any]:
+    """Whether a trajectory resolves diffusion of the atoms in ``mask``, and the bound if it does not.
+
+    Rule: resolved when the MSD in excess of the vibrational plateau (:func:`excess_msd`) reaches
+    one hop length squared, excess >= a², with a = ``hop_A`` (Å): on average one jump per atom. Then
+    D* can be fitted. Otherwise the trajectory only bounds it: fewer than one hop-length² of excess
+    MSD in tau_obs means D* < a² / (6 tau_obs) (the "hop" resolution bound, cm²/s).
+    Returns resolved, excess (Å²), plateau (Å²), tau_obs_ps, hop_A, bound (cm²/s), reason.
+    """
+    e = excess_msd(pos, times_ps, mask, plateau_ps)
+    out = {"resolved": False, "excess": e["excess"], "plateau": e["plateau"], "tau_obs_ps": e["tau_obs_ps"],
+           "hop_A": float(hop_A), "bound": math.nan, "reason": ""}
+    if not (e["tau_obs_ps"] > 0 and math.isfinite(e["excess"])):
+        out["reason"] = f"trajectory too short to pass its {plateau_ps:g} ps vibrational plateau"
+        return out
+    out["bound"] = float(hop_A) ** 2 / (6.0 * e["tau_obs_ps"]) * A2_PER_PS_TO_CM2_PER_S
+    if e["excess"] >= float(hop_A) ** 2:
+        out["resolved"] = True
+    else:
+        out["reason"] = (f"MSD excess {e['excess']:.3g} Å² over the {e['plateau']:.3g} Å² plateau < one hop "
+                         f"a² = {hop_A ** 2:.3g} Å² in {e['tau_obs_ps']:.3g} ps")
+    return out
+
+
+def site_occupancy(pos: np.ndarray, cell: np.ndarray, mask: np.ndarray | Sequence[bool], radius_A: float,
+                   first: float = 0.5) -> float:
+    """Fraction of positions of the ``mask`` atoms, over the last ``1 - first`` of the frames, that lie
+    within ``radius_A`` Å of one of their species' sites in frame 0 (periodic minimum image)."""
+    x = _as_traj(pos)
+    m = _as_mask(mask, x.shape[1])
+    c = _as_cell(cell)
+    inv = np.linalg.inv(c)
+    sites = x[0, m]
+    hits, total = 0, 0
+    for frame in x[int(math.floor(first * (x.shape[0] - 1))) + 1:] if x.shape[0] > 1 else x:
+        d = frame[m][:, None, :] - sites[None, :, :]            # (n, sites, 3)
+        f = d @ inv
+        d = (f - np.round(f)) @ c
+        near = (np.einsum("abk,abk->ab", d, d).min(axis=1) <= radius_A ** 2)
+        hits += int(near.sum())
+        total += near.size
+    return hits / total if total else math.nan
+
+
+def framework_melt_ratio(pos: np.ndarray, times_ps: np.ndarray, numbers: np.ndarray, cell: np.ndarray,
+                         frame_mask: np.ndarray | Sequence[bool], plateau_ps: float = PLATEAU_PS) -> float:
+    """max over frame elements e of excess MSD_e / (FRAME_MELT_FRACTION · a_e)², with a_e the shortest
+    e–e distance in frame 0 (Å). >= 1: on average the element's atoms have left their sites (halfway to
+    the nearest equivalent site and beyond): the framework melted or collapsed. NaN if no frame atoms."""
+    x = _as_traj(pos)
+    nums = np.asarray(numbers, dtype=int)
+    fm = np.asarray(frame_mask, dtype=bool)
+    ratios = []
+    for z in sorted(set(nums[fm].tolist())):
+        m = fm & (nums == z)
+        a = hop_length(x[0], cell, nums, z)
+        e = excess_msd(x, times_ps, m, plateau_ps)
+        if math.isfinite(e["excess"]) and a > 0:
+            ratios.append(e["excess"] / (FRAME_MELT_FRACTION * a) ** 2)
+    return float(max(ratios)) if ratios else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# self-diffusion: kinisi (Bayesian) with a coarse dt grid
 # --------------------------------------------------------------------------------------------
 
 def coarse_lag_grid(n_frames: int, n_dt: int) -> np.ndarray:
@@ -230,10 +344,9 @@ def _unwrapped_parser_class() -> type:
     return UnwrappedParser
 
 
-#: kinisi's result is replaced by OLS when its 95 % interval spans more than this factor ...
+#: kinisi's posterior counts as unconstrained (too little data: the result is not a measurement)
+#: when its 95 % interval is not strictly positive or spans more than this factor.
 KINISI_MAX_SPAN = 1e3
-#: ... or its median lies further than this factor from the least-squares slope.
-KINISI_MAX_OFF = 10.0
 
 
 def kinisi_diffusion(
@@ -258,9 +371,11 @@ def kinisi_diffusion(
     mean displacement of the other atoms (the framework) is subtracted, kinisi's default.
 
     Returns a dict: ``D`` (posterior median), ``D_low``, ``D_high`` (2.5 / 97.5 percentiles),
-    ``D_mean``, ``method`` ("kinisi"), ``start_dt_ps``, ``n_dt`` (grid points used), ``n_atoms``.
-    If kinisi raises, falls back to :func:`ols_diffusion` with ``method`` "ols" and the kinisi
-    error in ``note`` (never silently). Bad input raises InputError before any fitting.
+    ``D_mean``, ``constrained``, ``note``, ``method`` ("kinisi"), ``start_dt_ps``, ``n_dt``,
+    ``n_atoms``. No other estimator ever stands in: if kinisi raises, or its posterior is
+    unconstrained (interval not > 0 or wider than KINISI_MAX_SPAN), ``constrained`` is False, the
+    values are NaN (D_high keeps kinisi's 97.5 % quantile when there is one) and ``note`` says why.
+    Bad input raises InputError before any fitting.
     """
     x = _as_traj(pos)
     c = _as_cell(cell)
@@ -281,28 +396,22 @@ def kinisi_diffusion(
     duration = float((x.shape[0] - 1) * step)
     i0 = _start_index(lag_times, start_dt_ps, duration)
     start = float(lag_times[i0])
+    out = {"D": math.nan, "D_low": math.nan, "D_high": math.nan, "D_mean": math.nan, "method": "kinisi",
+           "constrained": False, "note": "", "start_dt_ps": start, "n_dt": int(lags.size),
+           "n_atoms": int(mask.sum())}
     try:
         samples = _kinisi_samples(x, c, nums, species, step, lags, start, n_samples, seed, drift_correction)
-        lo, med, hi = _ci(samples)
-        ols = ols_diffusion(x, t, mask, start_dt_ps=start, n_dt=n_dt)
-        # Too little data (few atoms x short trajectory) leaves kinisi's posterior unconstrained:
-        # its credible interval then spans decades and the median drifts far from the data's slope.
-        unconstrained = not (lo > 0 and hi / lo < KINISI_MAX_SPAN)
-        off = ols["D"] > 0 and not (ols["D"] / KINISI_MAX_OFF <= med <= ols["D"] * KINISI_MAX_OFF)
-        if unconstrained or off:
-            ols["note"] = (f"kinisi posterior unconstrained (median {med:.3g}, 95 % [{lo:.3g}, {hi:.3g}] cm2/s); "
-                           "ordinary least squares used")
-            ols["n_atoms"] = int(mask.sum())
-            return ols
-        return {"D": med, "D_low": lo, "D_high": hi, "D_mean": float(samples.mean()), "method": "kinisi",
-                "note": "", "start_dt_ps": start, "n_dt": int(lags.size), "n_atoms": int(mask.sum())}
-    except InputError:
-        raise
-    except Exception as exc:  # kinisi / emcee / scipp failures -> labelled fallback
-        res = ols_diffusion(x, t, mask, start_dt_ps=start, n_dt=n_dt)
-        res["note"] = f"kinisi failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        res["n_atoms"] = int(mask.sum())
-        return res
+    except Exception as exc:  # kinisi / emcee / scipp failures: no number, the reason recorded
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        out["note"] = f"kinisi failed ({type(exc).__name__}: {msg})"
+        return out
+    lo, med, hi = _ci(samples)
+    if not (lo > 0 and hi / lo < KINISI_MAX_SPAN):
+        out["D_high"] = hi
+        out["note"] = (f"kinisi posterior unconstrained (median {med:.3g}, 95 % [{lo:.3g}, {hi:.3g}] cm2/s)")
+        return out
+    out.update({"D": med, "D_low": lo, "D_high": hi, "D_mean": float(samples.mean()), "constrained": True})
+    return out
 
 
 def _kinisi_samples(x: np.ndarray, cell: np.ndarray, numbers: np.ndarray, species: str, step: float,
@@ -339,34 +448,6 @@ def _kinisi_samples(x: np.ndarray, cell: np.ndarray, numbers: np.ndarray, specie
     if samples.size == 0 or not np.all(np.isfinite(samples)):
         raise RuntimeError("kinisi returned no finite samples")
     return samples
-
-
-def ols_diffusion(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
-                  start_dt_ps: float | None = None, n_dt: int = 20) -> dict[str, Any]:
-    """Fallback D* (cm²/s): ordinary least squares of the multi-origin MSD vs lag, D = slope/6.
-
-    Fitted on the same coarse lag grid as kinisi from ``start_dt_ps`` on; the 95 % interval is
-    slope ± t·SE, which ignores the strong correlation of MSD points and so is too narrow.
-    ``method`` is "ols" so the report can tell these rows apart.
-    """
-    from scipy import stats
-
-    x = _as_traj(pos)
-    t = np.asarray(times_ps, dtype=np.float64)
-    step = frame_step_ps(t)
-    lags_all, msd = msd_multi_origin(x, mask)
-    lags = coarse_lag_grid(x.shape[0], n_dt)
-    lt = lags * step
-    i0 = _start_index(lt, start_dt_ps, float(lags_all[-1] * step), min_points=3)
-    xs, ys = lt[i0:], msd[lags[i0:]]
-    if xs.size < 3:
-        raise InputError("too few time lags for a least-squares diffusion fit")
-    fit = stats.linregress(xs, ys)
-    q = stats.t.ppf(0.975, xs.size - 2)
-    conv = A2_PER_PS_TO_CM2_PER_S / 6.0
-    return {"D": float(fit.slope * conv), "D_low": float((fit.slope - q * fit.stderr) * conv),
-            "D_high": float((fit.slope + q * fit.stderr) * conv), "D_mean": float(fit.slope * conv),
-            "method": "ols", "note": "", "start_dt_ps": float(xs[0]), "n_dt": int(xs.size)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,12 +574,10 @@ def rdf(
     ``n_bins`` shells up to ``r_max`` (shell volumes exact). ``pair`` None = all atoms (Eq. 14);
     ("Li", "Li") or ("Li", None) (Li – any atom) for species-resolved curves. The first
     ``discard`` fraction of frames is dropped, then at most ``max_frames`` evenly spaced frames
-    are used. Periodic pair distances come from :func:`geometry.radius_graph_pbc` (vesin), which
-    is exact for unwrapped positions and any cutoff. Returns bin centres r and g(r).
+    are used. Periodic pair distances come from :func:`geometry.neighbor_pairs` (vesin, NumPy),
+    exact for unwrapped positions and any cutoff. Returns bin centres r and g(r).
     """
-    import torch
-
-    from .geometry import radius_graph_pbc
+    from .geometry import neighbor_pairs
 
     x = np.asarray(pos, dtype=np.float64)
     if x.ndim == 2:
@@ -519,29 +598,13 @@ def rdf(
     frames = x[int(math.floor(discard * x.shape[0])):]
     if max_frames is not None and frames.shape[0] > max_frames:
         frames = frames[np.unique(np.linspace(0, frames.shape[0] - 1, max_frames).round().astype(int))]
-    n_f, n_at = frames.shape[:2]
+    n_f = frames.shape[0]
     edges = np.linspace(0.0, float(r_max), int(n_bins) + 1)
     hist = np.zeros(int(n_bins), dtype=np.float64)
-    cell_t = torch.tensor(c, dtype=torch.float64)
-    chunk = max(1, 20000 // n_at)
-    # The per-frame tensors are tiny: intra-op threading only adds overhead (20x on a busy
-    # 2-core machine), so run single-threaded and restore the caller's setting afterwards.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for s in range(0, n_f, chunk):
-            block = frames[s:s + chunk]
-            g = block.shape[0]
-            p = torch.as_tensor(block.reshape(-1, 3), dtype=torch.float64)
-            batch = torch.arange(g).repeat_interleave(n_at)
-            ptr = torch.arange(g + 1) * n_at
-            ei, shift = radius_graph_pbc(p, cell_t.expand(g, 3, 3), batch, float(r_max), ptr=ptr)
-            i, j = ei[0].numpy(), ei[1].numpy()
-            dist = torch.linalg.norm(p[ei[1]] - p[ei[0]] + shift, dim=1).numpy()
-            keep = ma[i % n_at] & mb[j % n_at]
-            hist += np.histogram(dist[keep], bins=edges)[0]
-    finally:
-        torch.set_num_threads(n_threads)
+    for frame in frames:
+        i, j, dist = neighbor_pairs(frame, c, float(r_max))
+        keep = ma[i] & mb[j]
+        hist += np.histogram(dist[keep], bins=edges)[0]
     volume = abs(np.linalg.det(c))
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     rho_b = mb.sum() / volume

@@ -89,6 +89,32 @@ def radius_graph_pbc(
     return edge_index.to(pos.device), shift.to(pos.device)
 
 
+def neighbor_pairs(points: np.ndarray, cell: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All periodic pairs (i, j, distance Å) with distance < ``cutoff`` Å (full list, both orders),
+    from vesin's NumPy neighbour list (no torch). ``points`` (n,3) Å, unwrapped or not; ``cell`` rows
+    a, b, c in Å. Pairs of an atom with its own periodic images are included."""
+    from vesin import NeighborList
+
+    c = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    p = np.asarray(points, dtype=np.float64)
+    frac = np.linalg.solve(c.T, p.T).T
+    wrapped = p - np.floor(frac) @ c  # vesin wants points inside the box; distances are unchanged
+    i, j, d = NeighborList(cutoff=float(cutoff), full_list=True).compute(points=wrapped, box=c, periodic=True,
+                                                                          quantities="ijd")
+    return i.astype(np.int64), j.astype(np.int64), d.astype(np.float64)
+
+
+def shortest_distance(points: np.ndarray, cell: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray | None = None,
+                      cutoff: float = 8.0) -> float:
+    """Shortest periodic distance (Å) between an atom of ``mask_a`` and a different atom (or image) of
+    ``mask_b`` (default: ``mask_a``); ``cutoff`` Å if there is none closer."""
+    ma = np.asarray(mask_a, dtype=bool)
+    mb = ma if mask_b is None else np.asarray(mask_b, dtype=bool)
+    i, j, d = neighbor_pairs(points, cell, cutoff)
+    keep = ma[i] & mb[j] & (d > 1e-8)
+    return float(d[keep].min()) if keep.any() else float(cutoff)
+
+
 def mic_displacements(delta: np.ndarray, cell: np.ndarray) -> np.ndarray:
     """Minimum-image version of displacement vectors ``delta`` (..., 3) in a cell, Å.
 

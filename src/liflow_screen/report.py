@@ -40,10 +40,23 @@ CURVE_POINTS = 101  # MSD curve samples stored per trajectory (incl. t = 0 and t
 ANALYSIS_COLUMNS = (
     "id", "temperature", "split", "source", "n_frames", "duration_ps",
     "msd_li", "msd_frame", "msd_t_ps", "msd_li_curve", "msd_frame_curve",
-    "D_li", "D_li_low", "D_li_high", "D_method", "D_note",
+    "li_hop_A", "li_msd_plateau", "li_msd_excess", "li_tau_obs_ps", "li_resolved",
+    "D_li", "D_li_low", "D_li_high", "D_li_bound", "D_method", "D_note",
+    "li_site_occupancy", "li_molten", "frame_melt_ratio", "frame_melted",
     "rdf", "rdf_r_max", "status", "stable",
 )
-NUMERIC_COLUMNS = ("duration_ps", "msd_li", "msd_frame", "D_li", "D_li_low", "D_li_high", "rdf_r_max")
+NUMERIC_COLUMNS = ("duration_ps", "msd_li", "msd_frame", "li_hop_A", "li_msd_plateau", "li_msd_excess",
+                   "li_tau_obs_ps", "D_li", "D_li_low", "D_li_high", "D_li_bound", "li_site_occupancy",
+                   "frame_melt_ratio", "rdf_r_max")
+#: D_method values: how each D* number (or bound) was obtained.
+D_METHODS = {
+    "kinisi": "resolved diffusion; kinisi posterior median and 95 % credible interval",
+    "bound:hop": "not resolved (Li MSD excess over its plateau < one hop length squared); D_li_bound = a²/(6 τ_obs)",
+    "bound:kinisi": "MSD excess resolved but kinisi's posterior unconstrained; D_li_bound = its 97.5 % quantile",
+    "failed": "kinisi failed; no number",
+    "insufficient_frames": "fewer than 4 frames",
+    "skipped": "diffusion analysis not requested",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,11 +140,19 @@ def analyze_trajectory(
     diffusion: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Analysis of one trajectory: final MSDs (Å²), MSD curves, kinisi D* of Li (cm²/s), RDF.
+    """Analysis of one trajectory (frame 0 = the relaxed structure): final MSDs (Å²), MSD curves,
+    whether Li diffusion is resolved, kinisi D* of Li (cm²/s) or an upper bound, sanity flags, RDF.
 
-    ``analysis_cfg`` is the ``analysis`` section of the config (kinisi_n_dt, kinisi_samples,
-    rdf_rmax, rdf_bins, rdf_discard). D* is NaN with ``D_method`` "insufficient_frames" for
-    fewer than 4 frames and "skipped" when ``diffusion`` is False.
+    * Li diffusion is *resolved* when the Li MSD in excess of its vibrational plateau reaches one hop
+      length squared (a = shortest Li–Li distance of frame 0; :func:`analysis.diffusion_resolution`).
+      Only then is kinisi run; otherwise D_li_bound = a²/(6 τ_obs) (method "bound:hop").
+    * li_molten: fewer than half of the Li positions (second half of the trajectory) within a/3 of an
+      initial Li site (:func:`analysis.site_occupancy`): a liquid-like Li sublattice.
+    * frame_melted: some frame element's excess MSD reached (a_e/2)², a_e its shortest same-element
+      distance (:func:`analysis.framework_melt_ratio`): the framework melted or came apart.
+
+    ``analysis_cfg`` is the ``analysis`` config section (kinisi_n_dt, kinisi_samples, rdf_rmax,
+    rdf_bins, rdf_discard).
     """
     x = np.asarray(pos, dtype=np.float64)
     t = np.asarray(times_ps, dtype=np.float64)
@@ -143,9 +164,11 @@ def analyze_trajectory(
         raise InputError("structure contains no Li atoms")
     frame = ~li
     n_frames = x.shape[0]
+    c = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     msd_li_curve = an.msd_single_origin(x, li)
     msd_fr_curve = an.msd_single_origin(x, frame) if frame.any() else np.full(n_frames, np.nan)
     idx = np.unique(np.linspace(0, n_frames - 1, min(CURVE_POINTS, n_frames)).round().astype(int))
+    hop = an.hop_length(x[0], c, nums, 3)
     row: dict[str, Any] = {
         "n_frames": int(n_frames),
         "duration_ps": float(t[-1] - t[0]) if n_frames > 1 else 0.0,
@@ -154,16 +177,35 @@ def analyze_trajectory(
         "msd_t_ps": (t[idx] - t[0]).tolist(),
         "msd_li_curve": msd_li_curve[idx].tolist(),
         "msd_frame_curve": msd_fr_curve[idx].tolist(),
-        "D_li": math.nan, "D_li_low": math.nan, "D_li_high": math.nan, "D_method": "skipped", "D_note": "",
+        "li_hop_A": hop, "li_msd_plateau": math.nan, "li_msd_excess": math.nan, "li_tau_obs_ps": 0.0,
+        "li_resolved": False,
+        "D_li": math.nan, "D_li_low": math.nan, "D_li_high": math.nan, "D_li_bound": math.nan,
+        "D_method": "skipped", "D_note": "",
+        "li_site_occupancy": math.nan, "li_molten": False, "frame_melt_ratio": math.nan, "frame_melted": False,
     }
+    if n_frames >= 3:
+        res = an.diffusion_resolution(x, t, li, hop)
+        row.update({"li_msd_plateau": res["plateau"], "li_msd_excess": res["excess"],
+                    "li_tau_obs_ps": res["tau_obs_ps"], "li_resolved": bool(res["resolved"])})
+        occ = an.site_occupancy(x, c, li, an.SITE_RADIUS_FRACTION * hop)
+        row.update({"li_site_occupancy": occ, "li_molten": bool(occ < an.MOLTEN_OCCUPANCY)})
+        if frame.any():
+            ratio = an.framework_melt_ratio(x, t, nums, c, frame)
+            row.update({"frame_melt_ratio": ratio, "frame_melted": bool(np.isfinite(ratio) and ratio >= 1.0)})
     if diffusion and n_frames < 4:
         row["D_method"] = "insufficient_frames"
+    elif diffusion and not row["li_resolved"]:
+        row.update({"D_method": "bound:hop", "D_li_bound": res["bound"], "D_note": res["reason"]})
     elif diffusion:
-        res = an.kinisi_diffusion(x, t, nums, cell, species="Li", n_dt=int(analysis_cfg["kinisi_n_dt"]),
+        kin = an.kinisi_diffusion(x, t, nums, c, species="Li", n_dt=int(analysis_cfg["kinisi_n_dt"]),
                                   n_samples=int(analysis_cfg["kinisi_samples"]), seed=seed)
-        row.update({"D_li": res["D"], "D_li_low": res["D_low"], "D_li_high": res["D_high"],
-                    "D_method": res["method"], "D_note": res.get("note", "")})
-    _, g = an.rdf(x, nums, cell, r_max=float(analysis_cfg["rdf_rmax"]), n_bins=int(analysis_cfg["rdf_bins"]),
+        if kin["constrained"]:
+            row.update({"D_li": kin["D"], "D_li_low": kin["D_low"], "D_li_high": kin["D_high"], "D_method": "kinisi"})
+        elif math.isfinite(kin["D_high"]):
+            row.update({"D_method": "bound:kinisi", "D_li_bound": kin["D_high"], "D_note": kin["note"]})
+        else:
+            row.update({"D_method": "failed", "D_note": kin["note"]})
+    _, g = an.rdf(x, nums, c, r_max=float(analysis_cfg["rdf_rmax"]), n_bins=int(analysis_cfg["rdf_bins"]),
                   discard=float(analysis_cfg["rdf_discard"]))
     row["rdf"] = g.tolist()
     row["rdf_r_max"] = float(analysis_cfg["rdf_rmax"])
@@ -252,15 +294,23 @@ def _variants(df: pd.DataFrame) -> list[str]:
     return sorted(s for s in df["source"].unique() if str(s).startswith(LIFLOW_PREFIX))
 
 
+#: metrics.csv warns when fewer structures than this are compared, or τ spans fewer Δτ steps.
+MIN_METRIC_PAIRS = 3
+MIN_METRIC_STEPS = 3
+
+
 def compute_metrics(analysis_table: pd.DataFrame, status_table: pd.DataFrame | None = None,
-                    metric_splits: Sequence[str] = ("test",)) -> pd.DataFrame:
+                    metric_splits: Sequence[str] = ("test",), tau_ps: float | None = None,
+                    delta_tau_ps: float = 1.0) -> pd.DataFrame:
     """Rows (temperature, model variant) with the paper's Table-1 metrics.
 
-    Reference = MD trajectories (source "md") of structures in ``metric_splits``; each rollout is
-    compared with the MD of the same structure and temperature at the common time
-    min(τ_ref, τ_gen) (interpolated MSD curves). Columns: temperature, model,
-    log_msd_li_mae, log_msd_li_spearman, log_msd_frame_mae, rdf_mae, stable_pct, n (paired
-    trajectories), n_rollouts, note. NaN with a note when there is no reference.
+    Reference = MD trajectories (source "md") of structures in ``metric_splits``. Every rollout is
+    compared with the MD of the same structure and temperature at ONE common time τ per row
+    (``tau_ps``, else the longest τ that every compared trajectory reaches), from the single-origin
+    MSD curves (Eq. 12). Columns: temperature, model, tau_ps, n (compared structures),
+    log_msd_li_mae, log_msd_li_spearman, log_msd_frame_mae, rdf_mae, stable_pct (the paper's: rollouts
+    that completed every step without NaN / divergence), phys_stable_pct (also no framework melting or
+    collapse), n_rollouts, warning (n < 3, or τ spanning fewer than 3 Δτ), note.
     """
     df = analysis_table
     splits = set(metric_splits)
@@ -280,11 +330,14 @@ def compute_metrics(analysis_table: pd.DataFrame, status_table: pd.DataFrame | N
                 n_roll, n_ok = len(gen), int(gen["stable"].sum())
             if gen.empty and n_roll == 0:
                 continue  # this variant was not rolled out at this temperature
+            n_phys = int((gen["stable"].astype(bool) & ~gen["frame_melted"].astype(bool)).sum())
             common = sorted(set(ref.index) & set(gen.index))
+            tc = float(tau_ps) if tau_ps is not None else (
+                min(min(float(ref.loc[i, "duration_ps"]), float(gen.loc[i, "duration_ps"])) for i in common)
+                if common else math.nan)
             li_r, li_g, fr_r, fr_g, rdf_err = [], [], [], [], []
             for sid in common:
                 a, b = ref.loc[sid], gen.loc[sid]
-                tc = min(float(a["duration_ps"]), float(b["duration_ps"]))
                 li_r.append(_msd_at(a["msd_t_ps"], a["msd_li_curve"], tc))
                 li_g.append(_msd_at(b["msd_t_ps"], b["msd_li_curve"], tc))
                 fr_r.append(_msd_at(a["msd_t_ps"], a["msd_frame_curve"], tc))
@@ -295,21 +348,26 @@ def compute_metrics(analysis_table: pd.DataFrame, status_table: pd.DataFrame | N
                     rdf_err.append(an.rdf_mae(ga, gb, (np.arange(ga.size) + 0.5) * dr))
             li = an.log_msd_metrics(np.array(li_r, float), np.array(li_g, float))
             fr = an.log_msd_metrics(np.array(fr_r, float), np.array(fr_g, float))
-            note = ""
+            note, warn = "", []
             if ref.empty:
                 note = f"no reference MD for {'/'.join(sorted(splits))} structures at {T} K"
             elif not common:
                 note = f"no structure has both reference MD and {v} rollouts at {T} K"
+            if int(li["n"]) < MIN_METRIC_PAIRS:
+                warn.append(f"n = {int(li['n'])} < {MIN_METRIC_PAIRS}: not comparable with the paper's Table 1")
+            if math.isfinite(tc) and tc < MIN_METRIC_STEPS * delta_tau_ps - 1e-9:
+                warn.append(f"τ = {tc:g} ps spans fewer than {MIN_METRIC_STEPS} Δτ ({delta_tau_ps:g} ps)")
             rows.append({
-                "temperature": T, "model": v[len(LIFLOW_PREFIX):],
+                "temperature": T, "model": v[len(LIFLOW_PREFIX):], "tau_ps": tc, "n": int(li["n"]),
                 "log_msd_li_mae": li["mae"], "log_msd_li_spearman": li["spearman"],
                 "log_msd_frame_mae": fr["mae"],
                 "rdf_mae": float(np.mean(rdf_err)) if rdf_err else math.nan,
                 "stable_pct": 100.0 * n_ok / n_roll if n_roll else math.nan,
-                "n": int(li["n"]), "n_rollouts": int(n_roll), "note": note,
+                "phys_stable_pct": 100.0 * n_phys / n_roll if n_roll else math.nan,
+                "n_rollouts": int(n_roll), "warning": "; ".join(warn), "note": note,
             })
-    cols = ["temperature", "model", "log_msd_li_mae", "log_msd_li_spearman", "log_msd_frame_mae", "rdf_mae",
-            "stable_pct", "n", "n_rollouts", "note"]
+    cols = ["temperature", "model", "tau_ps", "n", "log_msd_li_mae", "log_msd_li_spearman", "log_msd_frame_mae",
+            "rdf_mae", "stable_pct", "phys_stable_pct", "n_rollouts", "warning", "note"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -322,7 +380,7 @@ def _uncertain_map(flags: pd.DataFrame | Mapping[str, bool] | None) -> dict[str,
         return None
     if isinstance(flags, pd.DataFrame):
         if "id" not in flags.columns or "uncertain" not in flags.columns:
-            raise InputError("classifier flags need columns 'id' and 'uncertain'")
+            raise InputError("prior-class flags need columns 'id' and 'uncertain'")
         return {str(k): bool(v) for k, v in flags.groupby("id")["uncertain"].any().items()}
     return {str(k): bool(v) for k, v in flags.items()}
 
@@ -345,25 +403,50 @@ def _tcol(T: int) -> str:
     return f"{int(T)}K"
 
 
+def md_melting_temperatures(analysis_table: pd.DataFrame) -> dict[str, int]:
+    """Per structure, the lowest temperature (K) at which its reference MD's framework melted or came
+    apart (``frame_melted``); structures whose MD never did are absent."""
+    md = analysis_table[(analysis_table["source"] == MD_SOURCE) & analysis_table["frame_melted"].astype(bool)]
+    return {str(k): int(v) for k, v in md.groupby("id")["temperature"].min().items()}
+
+
+def trajectory_flags(r: Mapping[str, Any], md_melt_T: int | None) -> list[str]:
+    """Why a trajectory cannot enter an Arrhenius fit (empty list: it can)."""
+    flags = []
+    if str(r["status"]) != "ok":
+        flags.append(str(r["status"]))
+    if bool(r["frame_melted"]):
+        flags.append("frame_melted")
+    if bool(r["li_molten"]):
+        flags.append("li_molten")
+    if md_melt_T is not None and int(r["temperature"]) >= md_melt_T:
+        flags.append(f"md_melts_from_{md_melt_T}K")
+    if r["D_method"] != "kinisi":
+        flags.append("unresolved" if str(r["D_method"]).startswith("bound") else str(r["D_method"]))
+    return flags
+
+
 def compute_ranking(
     analysis_table: pd.DataFrame,
     structures_table: pd.DataFrame,
     status_table: pd.DataFrame | None = None,
-    classifier_uncertain_flags: pd.DataFrame | Mapping[str, bool] | None = None,
+    prior_flags: pd.DataFrame | Mapping[str, bool] | None = None,
     target_T: float = 300.0,
     variant: str | None = None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """One row per structure, sorted by predicted σ(target_T) (S/cm, descending, NaN last).
+    """One row per structure: ranked candidates first (by σ(target_T), S/cm, descending), then every
+    other structure, unranked, with the reason.
 
-    Predictions come from the LiFlow ``variant`` (source "liflow:<variant>"; default "adaptive"
-    when present, else the first variant; "md" only when there are no rollouts at all). Columns:
-    rank, id, formula, split, source, n_li, volume_A3, D_pred_<T>K[_low|_high] (cm²/s, kinisi
-    median and 95 % interval), E_A_eV[_low|_high], D_<target>K[_low|_high], sigma_<target>K_S_cm
-    [_low|_high] (Nernst–Einstein from the relaxed structure's Li density), D_ref_<T>K[_low|_high]
-    where reference MD exists, flags diverged, extrapolated_temperature, classifier_uncertain,
-    non_arrhenius (E_A <= 0: no extrapolation, σ left empty), and
-    ``status`` (ok | diverged | the reason a structure has no prediction, e.g. a failed relaxation;
-    such structures are listed last). Also returns the Arrhenius fit of each structure (for the plots).
+    Predictions come from the LiFlow ``variant`` (see :func:`_ranking_source`). Per temperature:
+    D_pred_<T>K[_low|_high] (kinisi median and 95 % interval, only where Li diffusion was resolved),
+    D_pred_<T>K_bound (upper bound where it was not), D_method_<T>K (analysis.D_METHODS), flags_<T>K
+    (why the point is not in the fit: unresolved, diverged, frame_melted, li_molten, md_melts_from_<T>K).
+    A structure is ranked only when >= 2 temperatures have resolved, stable, non-melted trajectories
+    (below the temperature at which its reference MD melts, if any) and their Arrhenius fit has
+    E_A > 0: then E_A_eV[_low|_high], D_<target>K[_low|_high] and sigma_<target>K_S_cm[_low|_high]
+    (Nernst–Einstein with the relaxed cell's Li density) are given, else they stay empty.
+    Reference MD where present: D_ref_<T>K (resolved kinisi D* or empty) and D_ref_method_<T>K.
+    Returns the table and the Arrhenius fit of each ranked structure (for the plots).
     """
     structs = load_structures(structures_table)
     df = analysis_table
@@ -372,86 +455,96 @@ def compute_ranking(
     ref = df[df["source"] == MD_SOURCE]
     temps = sorted({int(t) for t in pred["temperature"]})
     ref_temps = sorted({int(t) for t in ref["temperature"]})
-    uncertain = _uncertain_map(classifier_uncertain_flags)
+    melt = md_melting_temperatures(df)
+    uncertain = _uncertain_map(prior_flags)
     status = status_table if status_table is not None and len(status_table) else None
     tgt = _tcol(round(target_T))
     rows, fits = [], {}
-    for sid, g in pred.groupby("id", sort=True):
-        if sid not in structs.index:
-            raise InputError(f"structure {sid!r} is missing from the structures table")
+    for sid in sorted(structs.index):
         s = structs.loc[sid]
         nums = np.asarray(s["numbers"], dtype=int)
-        cell = np.asarray(s["cell"], dtype=np.float64).reshape(3, 3)
-        volume = float(abs(np.linalg.det(cell)))
+        volume = float(abs(np.linalg.det(np.asarray(s["cell"], dtype=np.float64).reshape(3, 3))))
         n_li = int(np.sum(nums == 3))
-        row: dict[str, Any] = {"id": sid, "formula": s.get("reduced_formula", ""),
-                               "split": s.get("split", g["split"].iloc[0]), "source": src,
-                               "n_li": n_li, "volume_A3": volume}
-        g = g.set_index("temperature")
+        row: dict[str, Any] = {"id": sid, "formula": s.get("reduced_formula", ""), "split": s.get("split", ""),
+                               "source": src, "n_li": n_li, "volume_A3": volume, "status": "", "reason": ""}
+        g = pred[pred["id"] == sid].set_index("temperature")
+        use_T, bad = [], {}
         for T in temps:
+            c = _tcol(T)
             r = g.loc[T] if T in g.index else None
-            row[f"D_pred_{_tcol(T)}"] = float(r["D_li"]) if r is not None else math.nan
-            row[f"D_pred_{_tcol(T)}_low"] = float(r["D_li_low"]) if r is not None else math.nan
-            row[f"D_pred_{_tcol(T)}_high"] = float(r["D_li_high"]) if r is not None else math.nan
-        fit = an.arrhenius_fit(g.index.to_numpy(float), g["D_li"].to_numpy(float), g["D_li_low"].to_numpy(float),
-                               g["D_li_high"].to_numpy(float), target_T=target_T)
-        fits[sid] = fit
-        row.update({"E_A_eV": fit["E_A"], "E_A_eV_low": fit["E_A_low"], "E_A_eV_high": fit["E_A_high"],
-                    "arrhenius_n_T": fit["n_points"], f"D_{tgt}": fit["D_target"],
-                    f"D_{tgt}_low": fit["D_target_low"], f"D_{tgt}_high": fit["D_target_high"]})
-        # A non-positive activation energy (D falling with T) is not thermally activated diffusion:
-        # extrapolating it to target_T would rank noise first, so no D(target_T) / σ is given.
-        non_arrhenius = bool(np.isfinite(fit["E_A"]) and fit["E_A"] <= 0)
-        if non_arrhenius:
-            for key in ("", "_low", "_high"):
-                row[f"D_{tgt}{key}"] = math.nan
-        row["non_arrhenius"] = non_arrhenius
-        for key, dval in (("", row[f"D_{tgt}"]), ("_low", row[f"D_{tgt}_low"]), ("_high", row[f"D_{tgt}_high"])):
-            row[f"sigma_{tgt}_S_cm{key}"] = (an.nernst_einstein_conductivity(dval, n_li, volume, target_T)
-                                             if np.isfinite(dval) else math.nan)
+            if r is None:
+                row.update({f"D_pred_{c}": math.nan, f"D_pred_{c}_low": math.nan, f"D_pred_{c}_high": math.nan,
+                            f"D_pred_{c}_bound": math.nan, f"D_method_{c}": "", f"flags_{c}": "no trajectory"})
+                bad[T] = ["no trajectory"]
+                continue
+            flags = trajectory_flags({**r, "temperature": T}, melt.get(sid))
+            row.update({f"D_pred_{c}": float(r["D_li"]), f"D_pred_{c}_low": float(r["D_li_low"]),
+                        f"D_pred_{c}_high": float(r["D_li_high"]), f"D_pred_{c}_bound": float(r["D_li_bound"]),
+                        f"D_method_{c}": str(r["D_method"]), f"flags_{c}": ";".join(flags)})
+            if flags:
+                bad[T] = flags
+            else:
+                use_T.append(T)
         rs = ref[ref["id"] == sid].set_index("temperature")
         for T in ref_temps:
             r = rs.loc[T] if T in rs.index else None
             row[f"D_ref_{_tcol(T)}"] = float(r["D_li"]) if r is not None else math.nan
-            row[f"D_ref_{_tcol(T)}_low"] = float(r["D_li_low"]) if r is not None else math.nan
-            row[f"D_ref_{_tcol(T)}_high"] = float(r["D_li_high"]) if r is not None else math.nan
-        if status is not None:
-            st = status[(status["id"] == sid) & (status["source"] == src)]
-            diverged = bool((st["status"] == "diverged").any()) or bool((g["status"] == "diverged").any())
+            row[f"D_ref_{_tcol(T)}_bound"] = float(r["D_li_bound"]) if r is not None else math.nan
+            row[f"D_ref_method_{_tcol(T)}"] = str(r["D_method"]) if r is not None else ""
+        row["md_melts_from_K"] = melt.get(sid, math.nan)
+        gu = g.loc[use_T] if use_T else None
+        fit = (an.arrhenius_fit(np.asarray(use_T, float), gu["D_li"].to_numpy(float), gu["D_li_low"].to_numpy(float),
+                                gu["D_li_high"].to_numpy(float), target_T=target_T) if len(use_T) >= 2 else None)
+        row.update({"arrhenius_T": ";".join(str(T) for T in use_T), "arrhenius_n_T": len(use_T)})
+        for key in ("E_A_eV", "E_A_eV_low", "E_A_eV_high", f"D_{tgt}", f"D_{tgt}_low", f"D_{tgt}_high",
+                    f"sigma_{tgt}_S_cm", f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high"):
+            row[key] = math.nan
+        ranked = bool(fit is not None and np.isfinite(fit["E_A"]) and fit["E_A"] > 0 and np.isfinite(fit["D_target"]))
+        if fit is not None:
+            row.update({"E_A_eV": fit["E_A"], "E_A_eV_low": fit["E_A_low"], "E_A_eV_high": fit["E_A_high"]})
+        if ranked:
+            fits[sid] = fit
+            for key, dval in (("", fit["D_target"]), ("_low", fit["D_target_low"]), ("_high", fit["D_target_high"])):
+                row[f"D_{tgt}{key}"] = dval
+                row[f"sigma_{tgt}_S_cm{key}"] = (an.nernst_einstein_conductivity(dval, n_li, volume, target_T)
+                                                 if np.isfinite(dval) else math.nan)
+            row["status"] = "ranked"
         else:
-            diverged = bool((g["status"] == "diverged").any())
-        row["diverged"] = diverged
-        row["extrapolated_temperature"] = bool(fit["extrapolated"])
-        row["classifier_uncertain"] = (pd.NA if uncertain is None else bool(uncertain.get(sid, False)))
-        row["status"] = ("diverged" if diverged else
-                         f"non-Arrhenius (E_A = {fit['E_A']:.3f} eV <= 0)" if non_arrhenius else "ok")
+            row["status"], row["reason"] = _unranked_reason(sid, g, temps, bad, fit, status, src)
+        row["prior_class_uncertain"] = pd.NA if uncertain is None else bool(uncertain.get(sid, False))
         rows.append(row)
-    # Structures without any generated trajectory (e.g. relaxation failed) still get a row, unranked
-    # by conductivity (NaN) and with the reason, so the CSV accounts for every input structure.
-    seen = {r["id"] for r in rows}
-    for sid in sorted(set(structs.index) - seen):
-        s = structs.loc[sid]
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return pd.DataFrame(columns=["rank", "id", "formula", "split", "source", "status", "reason"]), fits
+    out["prior_class_uncertain"] = out["prior_class_uncertain"].astype("boolean")
+    sig = f"sigma_{tgt}_S_cm"
+    order = {"ranked": 0, "unresolved": 1, "non-Arrhenius": 1, "unstable": 2, "no rollout": 3}
+    out["_grp"] = out["status"].map(lambda x: order.get(x, 3))
+    out["_sig"] = -out[sig].fillna(-np.inf)
+    out = out.sort_values(["_grp", "_sig", "id"], kind="mergesort").drop(columns=["_grp", "_sig"])
+    ranked_mask = out["status"] == "ranked"
+    out.insert(0, "rank", pd.array([i + 1 if ok else pd.NA for i, ok in enumerate(ranked_mask)], dtype="Int64"))
+    return out.reset_index(drop=True), fits
+
+
+def _unranked_reason(sid: str, g: pd.DataFrame, temps: list[int], bad: dict[int, list[str]],
+                     fit: dict[str, Any] | None, status: pd.DataFrame | None, src: str) -> tuple[str, str]:
+    """(status, reason) of a structure that cannot be ranked."""
+    if g.empty:
         reason = "no generated trajectory"
         if status is not None:
             st = status[(status["id"] == sid) & (status["source"] == src) & (status["status"] != "ok")]
             if len(st):
                 reason = f"{st['status'].iloc[0]}: {st['reason'].iloc[0]}"
-        rows.append({"id": sid, "formula": s.get("reduced_formula", ""), "split": s.get("split", ""), "source": src,
-                     "n_li": int(np.sum(np.asarray(s["numbers"]) == 3)), "diverged": False, "non_arrhenius": False,
-                     "extrapolated_temperature": False,
-                     "classifier_uncertain": pd.NA if uncertain is None else bool(uncertain.get(sid, False)),
-                     "status": reason})
-    out = pd.DataFrame(rows)
-    if out.empty:
-        base = ["rank", "id", "formula", "split", "source", "n_li", "volume_A3", "E_A_eV", "E_A_eV_low",
-                "E_A_eV_high", "arrhenius_n_T", f"D_{tgt}", f"D_{tgt}_low", f"D_{tgt}_high", f"sigma_{tgt}_S_cm",
-                f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high", "diverged", "non_arrhenius", "extrapolated_temperature",
-                "classifier_uncertain"]
-        return pd.DataFrame(columns=base), fits
-    out["classifier_uncertain"] = out["classifier_uncertain"].astype("boolean")
-    out = out.sort_values(f"sigma_{tgt}_S_cm", ascending=False, na_position="last", kind="mergesort")
-    out.insert(0, "rank", np.arange(1, len(out) + 1))
-    return out.reset_index(drop=True), fits
+        return "no rollout", reason
+    if fit is not None:  # >= 2 usable temperatures, but E_A <= 0
+        return "non-Arrhenius", f"E_A = {fit['E_A']:.3f} eV <= 0 from {fit['n_points']} temperatures: not extrapolated"
+    usable = [T for T in temps if T not in bad]
+    parts = [f"{T} K: {','.join(bad[T])}" for T in temps if T in bad]
+    unstable = [any(x not in ("unresolved", "no trajectory") for x in f) for f in bad.values()]
+    grp = "unstable" if all(unstable) else "unresolved"
+    return grp, (f"usable (resolved, stable, non-melted) at {len(usable)} of {len(temps)} temperatures, "
+                 f"2 needed for an Arrhenius fit; " + "; ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,9 +556,10 @@ def _savefig(fig: Any, path: Path, prov: dict[str, Any]) -> None:
         fig.savefig(tmp, format="png", dpi=120, metadata={"Description": json.dumps(prov, default=str)})
 
 
-def parity_plots(analysis_table: pd.DataFrame, out_dir: Path, prov: dict[str, Any],
+def parity_plots(analysis_table: pd.DataFrame, metrics: pd.DataFrame, out_dir: Path, prov: dict[str, Any],
                  metric_splits: Sequence[str] = ("test",)) -> list[Path]:
-    """One PNG per temperature: log10 MSD_Li and MSD_frame (Å²), reference MD vs each variant."""
+    """One PNG per temperature: log10 MSD_Li and MSD_frame (Å²), reference MD vs each variant, at
+    the common τ of that row of ``metrics`` (:func:`compute_metrics`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,10 +577,11 @@ def parity_plots(analysis_table: pd.DataFrame, out_dir: Path, prov: dict[str, An
         for ax, (label, col) in zip(axes, (("Li", "msd_li_curve"), ("frame", "msd_frame_curve"))):
             for v in variants:
                 gen = df[(df["source"] == v) & (df["temperature"] == T)].set_index("id")
+                mrow = metrics[(metrics["temperature"] == T) & (metrics["model"] == v[len(LIFLOW_PREFIX):])]
+                tc = float(mrow["tau_ps"].iloc[0]) if len(mrow) else math.nan
                 xs, ys = [], []
                 for sid in sorted(set(ref.index) & set(gen.index)):
                     a, b = ref.loc[sid], gen.loc[sid]
-                    tc = min(float(a["duration_ps"]), float(b["duration_ps"]))
                     xs.append(_msd_at(a["msd_t_ps"], a[col], tc))
                     ys.append(_msd_at(b["msd_t_ps"], b[col], tc))
                 xa, ya = np.asarray(xs, float), np.asarray(ys, float)
@@ -494,7 +589,7 @@ def parity_plots(analysis_table: pd.DataFrame, out_dir: Path, prov: dict[str, An
                 if ok.any():
                     any_pts = True
                     ax.scatter(np.log10(xa[ok]), np.log10(ya[ok]), s=14, alpha=0.75,
-                               label=f"{v[len(LIFLOW_PREFIX):]} (n={int(ok.sum())})")
+                               label=f"{v[len(LIFLOW_PREFIX):]} (n={int(ok.sum())}, τ = {tc:g} ps)")
             lim = ax.get_xlim() if any_pts else (-2.0, 3.0)
             lo, hi = min(lim[0], ax.get_ylim()[0]), max(lim[1], ax.get_ylim()[1])
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
@@ -519,7 +614,10 @@ def parity_plots(analysis_table: pd.DataFrame, out_dir: Path, prov: dict[str, An
 
 def arrhenius_plots(ranking: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]], analysis_table: pd.DataFrame,
                     out_dir: Path, prov: dict[str, Any], top_n: int, target_T: float) -> list[Path]:
-    """Arrhenius plots (ln D* vs 1000/T, with 95 % intervals and the fit) of the top candidates."""
+    """Arrhenius plots (D* vs 1000/T) of the top ranked candidates: fitted points with their 95 %
+    intervals (filled), upper bounds of unresolved or flagged temperatures (open, downward), the
+    reference MD likewise, and the fit with its extrapolation to ``target_T``: exactly what the
+    ranking table holds (unranked structures get no plot and no extrapolation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -527,30 +625,36 @@ def arrhenius_plots(ranking: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]]
 
     paths = []
     df = analysis_table
-    for r in ranking[ranking["id"].isin(fits)].head(int(top_n)).itertuples(index=False):
+    ranked = ranking[(ranking["status"] == "ranked") & ranking["id"].isin(fits)]
+    for r in ranked.head(int(top_n)).itertuples(index=False):
         fit = fits[r.id]
-        fig, ax = plt.subplots(figsize=(5.2, 4.2))
-        sources = [(r.source, "o", "C0")] + ([(MD_SOURCE, "s", "C3")] if r.source != MD_SOURCE else [])
-        for src, marker, color in sources:
+        used = {int(T) for T in str(r.arrhenius_T).split(";") if T}
+        fig, ax = plt.subplots(figsize=(5.4, 4.3))
+        for src, marker, color in ((r.source, "o", "C0"), (MD_SOURCE, "s", "C3")):
             g = df[(df["id"] == r.id) & (df["source"] == src)].sort_values("temperature")
-            g = g[np.isfinite(g["D_li"].astype(float)) & (g["D_li"].astype(float) > 0)]
-            if g.empty:
+            if g.empty or (src == MD_SOURCE and r.source == MD_SOURCE):
                 continue
-            x = 1000.0 / g["temperature"].to_numpy(float)
+            label = "reference MD" if src == MD_SOURCE else src
+            T = g["temperature"].to_numpy(int)
+            fitted = np.array([t in used for t in T]) if src == r.source else (g["D_method"] == "kinisi").to_numpy()
             y = g["D_li"].to_numpy(float)
-            lo = np.where(np.isfinite(g["D_li_low"]), g["D_li_low"], y)
-            hi = np.where(np.isfinite(g["D_li_high"]), g["D_li_high"], y)
-            ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt=marker,
-                        color=color, capsize=3, label="reference MD" if src == MD_SOURCE else src)
-        if np.isfinite(fit["E_A"]):
-            tt = np.linspace(min(fit["T_min"], target_T), fit["T_max"], 100)
-            ax.plot(1000.0 / tt, np.exp(fit["ln_D0"] - fit["E_A"] / (an.K_B_EV * tt)), "C0-", lw=1,
-                    label=f"fit E_A = {fit['E_A']:.2f} [{fit['E_A_low']:.2f}, {fit['E_A_high']:.2f}] eV")
-            if np.isfinite(fit["D_target_low"]):
-                xt = 1000.0 / target_T
-                ax.errorbar([xt], [fit["D_target"]], yerr=[[fit["D_target"] - fit["D_target_low"]],
-                                                           [fit["D_target_high"] - fit["D_target"]]],
-                            fmt="D", color="C2", capsize=3, label=f"extrapolated {target_T:g} K")
+            if fitted.any():
+                lo, hi = g["D_li_low"].to_numpy(float)[fitted], g["D_li_high"].to_numpy(float)[fitted]
+                ax.errorbar(1000.0 / T[fitted], y[fitted], yerr=[y[fitted] - lo, hi - y[fitted]], fmt=marker,
+                            color=color, capsize=3, label=f"{label} (fitted)" if src == r.source else label)
+            b = g["D_li_bound"].to_numpy(float)
+            other = ~fitted & np.isfinite(np.where(np.isfinite(b), b, y))
+            if other.any():
+                yb = np.where(np.isfinite(b), b, y)[other]
+                ax.scatter(1000.0 / T[other], yb, marker="v", facecolors="none", edgecolors=color,
+                           label=f"{label}: bound or excluded")
+        tt = np.linspace(target_T, fit["T_max"], 100)
+        ax.plot(1000.0 / tt, np.exp(fit["ln_D0"] - fit["E_A"] / (an.K_B_EV * tt)), "C0-", lw=1,
+                label=f"fit E_A = {fit['E_A']:.2f} [{fit['E_A_low']:.2f}, {fit['E_A_high']:.2f}] eV")
+        xt = 1000.0 / target_T
+        ax.errorbar([xt], [fit["D_target"]], yerr=[[fit["D_target"] - fit["D_target_low"]],
+                                                   [fit["D_target_high"] - fit["D_target"]]],
+                    fmt="D", color="C2", capsize=3, label=f"extrapolated {target_T:g} K")
         ax.set_yscale("log")
         ax.set_xlabel("1000 / T (1/K)")
         ax.set_ylabel("D* Li (cm²/s)")
@@ -643,7 +747,8 @@ def write_reports(
     labels = (labels_table if isinstance(labels_table, pd.DataFrame) or labels_table is None
               else schema.read_df(labels_table, "labels"))
     target_T = float(acfg["target_temperature"])
-    metrics = compute_metrics(df, status, metric_splits)
+    metrics = compute_metrics(df, status, metric_splits, tau_ps=acfg["metric_tau_ps"],
+                              delta_tau_ps=float(full["dataset"]["delta_tau_ps"]))
     src = _ranking_source(df, variant)
     ranking, fits = compute_ranking(df, structs, status, priors[priors["source"] == src] if len(priors) else None,
                                     target_T, variant)
@@ -655,7 +760,7 @@ def write_reports(
     _write_csv(metrics, out / "metrics.csv", prov)
     _write_csv(ranking, out / "ranking.csv", prov)
     _write_csv(agreement, out / "prior_classes.csv", prov)
-    parity = parity_plots(df, out, prov, metric_splits)
+    parity = parity_plots(df, metrics, out, prov, metric_splits)
     arr = arrhenius_plots(ranking, fits, df, out, prov, int(acfg["top_n"]), target_T) if len(ranking) else []
     return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "prior_classes": out / "prior_classes.csv",
             "parity": parity, "arrhenius": arr}
