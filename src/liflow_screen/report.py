@@ -760,6 +760,8 @@ def write_reports(
     _write_csv(metrics, out / "metrics.csv", prov)
     _write_csv(ranking, out / "ranking.csv", prov)
     _write_csv(agreement, out / "prior_classes.csv", prov)
+    for sub in ("parity", "arrhenius"):  # declared outputs, even when there is nothing to plot
+        (out / sub).mkdir(parents=True, exist_ok=True)
     parity = parity_plots(df, metrics, out, prov, metric_splits)
     arr = arrhenius_plots(ranking, fits, df, out, prov, int(acfg["top_n"]), target_T) if len(ranking) else []
     return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "prior_classes": out / "prior_classes.csv",
