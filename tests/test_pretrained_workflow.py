@@ -43,7 +43,9 @@ def test_published_and_fine_tuned_screening(run) -> None:
     res = run
     ranking = pd.read_csv(res / "reports" / "ranking.csv").set_index("id")
     assert sorted(ranking.index) == ["emb-Li3N", "emb-LiCl", "emb-LiF", "emb-LiNbO3"]
-    assert ranking.loc["emb-LiNbO3", "status"].startswith("unsupported_element: element Nb not in the element table")
+    assert ranking.loc["emb-LiNbO3", "status"] == "no rollout"
+    assert ranking.loc["emb-LiNbO3", "reason"].startswith("unsupported_element: element Nb not in the element table")
+    assert pd.isna(ranking.loc["emb-LiNbO3", "rank"])
     # every rollout of the covered structures completed, for both variants
     for variant in ("published", "adaptive"):
         st = pd.concat([schema.read_df(f, "status") for f in (res / "rollout" / variant).glob("*/status.parquet")])
