@@ -16,12 +16,18 @@ configfile: "config.yaml"
 
 validate(config, "workflow/schemas/config.schema.yaml")
 
-# Rules call the `liflow-screen` CLI. Without conda, find it next to the Python running Snakemake
-# (the venv need not be activated); with --use-conda each rule's environment provides it.
+# Rules run the package CLI as `python -m liflow_screen`. Without conda: the Python running
+# Snakemake (the venv need not be activated). With --use-conda: each rule's env provides the
+# libraries and PYTHONPATH points at this checkout's src/, so rules always run the current code
+# (the envs do not install the package; no stale snapshot after a code change).
 from snakemake.settings.types import DeploymentMethod
 
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f'export PATH="{os.path.dirname(sys.executable)}:$PATH"; ')
+else:
+    shell.prefix(
+        f'export PYTHONPATH="{workflow.basedir}/src${{PYTHONPATH:+:$PYTHONPATH}}"; '
+    )
 
 # Cross-key checks and defaults from the same schema, via the package (one config schema).
 from liflow_screen import config as _lcfg
@@ -54,10 +60,20 @@ ROLL_VARIANTS = (
 USE_SELECTOR = CFG["rollout"]["prior_selection"] == "selector"
 
 # The resolved config every rule reads; rewritten only when it changes so mtimes stay put.
+# Written by the main process of a real run only: a dry run (-n), --lint or a cluster job's
+# re-parse writes nothing.
+from snakemake_interface_executor_plugins.settings import ExecMode as _ExecMode
+
+_DRY = any(
+    a in ("--dry-run", "--dryrun", "--lint", "--summary", "--detailed-summary")
+    or (a.startswith("-") and not a.startswith("--") and "n" in a[1:])
+    for a in sys.argv[1:]
+)
+WRITES = workflow.exec_mode == _ExecMode.DEFAULT and not _DRY
 RUNCFG = f"{R}/config.resolved.yaml"
 _text = yaml.safe_dump(CFG, sort_keys=True)
-Path(R).mkdir(parents=True, exist_ok=True)
-if not Path(RUNCFG).exists() or Path(RUNCFG).read_text() != _text:
+if WRITES and (not Path(RUNCFG).exists() or Path(RUNCFG).read_text() != _text):
+    Path(R).mkdir(parents=True, exist_ok=True)
     Path(RUNCFG).write_text(_text)
 
 
@@ -72,7 +88,7 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{R}/reports/ranking.csv",
         f"{R}/reports/metrics.csv",
-    default_target: True

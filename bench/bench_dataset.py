@@ -23,11 +23,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 def fabricate(root: Path, n_struct: int = 8, n_atoms: int = 112, n_frames: int = 2501, seed: int = 0) -> dict:
     """MD-like chunk outputs: positions = lattice + thermal noise (σ 0.1 Å) + Li random walk."""
-    from liflow_screen import config, dataset, schema
+    from liflow_screen import config, layout, schema
+    from liflow_screen.stages import dataset as dataset_stage
 
     rng = np.random.default_rng(seed)
     cfg = config.validate({"md": {"temperatures": [800], "timestep_fs": 1.0, "save_every": 10, "duration_ps": 25.0}})
-    cdir = dataset.md_chunk_dir(root / "md", 0)
+    cdir = layout.chunk_dir(root / "md", 0)
     srows, status, frames, man = [], [], [], []
     for s in range(n_struct):
         sid = f"fab-{s}"
@@ -49,9 +50,10 @@ def fabricate(root: Path, n_struct: int = 8, n_atoms: int = 112, n_frames: int =
                     "n_atoms_supercell": n_atoms, "min_width": 11.0, "split": "train", "chunk": 0, "run_md": True})
     schema.write_rows(srows, cdir / "structures.parquet", "structures")
     schema.write_rows(status, cdir / "status.parquet", "status")
-    schema.write_rows(frames, dataset.frames_file(cdir, 800), "frames")
+    schema.write_rows(frames, layout.frames_file(cdir, 800), "frames")
     schema.write_rows(man, root / "manifest.parquet", "manifest")
-    dataset.build(cfg, root / "manifest.parquet", root / "md", root / "dataset")
+    dataset_stage.run(cfg, root / "manifest.parquet",
+                  [cdir / layout.STRUCTURES, cdir / layout.STATUS, layout.frames_file(cdir, 800)], root / "dataset")
     return cfg
 
 

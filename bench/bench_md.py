@@ -3,7 +3,7 @@
 Writes ``results/bench/md.json``. For each potential (CHGNet 0.3.0 from its wheel, a random MACE
 with MACE-MP-0 small's hyper-parameters, a tiny random MACE) on a 96-atom Li2O cell:
 
-- ``ms_per_step`` and ``atom_steps_per_s`` of NVT Nosé–Hoover MD through ``md.run_trajectory``;
+- ``ms_per_step`` and ``atom_steps_per_s`` of NVT Nosé–Hoover MD through ``md.integrate.run_trajectory``;
 - ``outside_model_share``: fraction of the step time spent outside the model's forward (+ force
   backward) call: integrator, neighbour list / graph construction, data conversion, frame I/O;
 - for the MACE models, lock-step batched MD of ``--batch`` structures vs one-by-one: throughput
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from ase.build import bulk
 
-from liflow_screen import md
+from liflow_screen.md import integrate, lockstep
 from liflow_screen import potentials as P
 from liflow_screen.io import write_json_atomic
 
@@ -60,21 +60,21 @@ def li2o(rep=(2, 2, 2)):
     return bulk("Li2O", "fluorite", a=4.62, cubic=True).repeat(rep)
 
 
-def settings_for(steps: int, save_every: int = 5) -> md.MDSettings:
+def settings_for(steps: int, save_every: int = 5) -> integrate.MDSettings:
     """MD settings running ``steps`` 1-fs steps (a multiple of save_every)."""
     steps = max(save_every, steps - steps % save_every)
-    return md.MDSettings(timestep_fs=1.0, duration_ps=steps / 1000.0, save_every=save_every, seed=0,
+    return integrate.MDSettings(timestep_fs=1.0, duration_ps=steps / 1000.0, save_every=save_every, seed=0,
                          max_step_displacement=50.0, max_temperature_factor=1e6)
 
 
 def bench_step(pot: P.Potential, atoms, steps: int) -> dict:
     calc = P.EnergyForcesCalculator(pot)
-    md.run_trajectory("warmup", atoms, 600.0, settings_for(5), calc)  # e3nn codegen, allocator warm-up
+    integrate.run_trajectory("warmup", atoms, 600.0, settings_for(5), calc)  # e3nn codegen, allocator warm-up
     timer = ModelTimer(pot.model)
     s = settings_for(steps)
     n_steps = (s.n_frames - 1) * s.save_every
     t0 = time.perf_counter()
-    res = md.run_trajectory("bench", atoms, 600.0, s, calc)
+    res = integrate.run_trajectory("bench", atoms, 600.0, s, calc)
     wall = time.perf_counter() - t0
     timer.remove()
     return {
@@ -89,13 +89,13 @@ def bench_step(pot: P.Potential, atoms, steps: int) -> dict:
 
 def bench_batched(pot: P.Potential, structures: list, steps: int, batch: int) -> dict:
     s = settings_for(steps)
-    jobs = [md.MDJob(f"s{i}", a, 600.0 + 100 * i) for i, a in enumerate(structures)]
-    md.run_trajectories(jobs[:batch], pot, settings_for(5), batch_size=batch)  # warm-up batched shapes
+    jobs = [lockstep.MDJob(f"s{i}", a, 600.0 + 100 * i) for i, a in enumerate(structures)]
+    lockstep.run_trajectories(jobs[:batch], pot, settings_for(5), batch_size=batch)  # warm-up batched shapes
     t0 = time.perf_counter()
-    serial = md.run_trajectories(jobs, pot, s, batch_size=1)
+    serial = lockstep.run_trajectories(jobs, pot, s, batch_size=1)
     t_serial = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = md.run_trajectories(jobs, pot, s, batch_size=batch)
+    batched = lockstep.run_trajectories(jobs, pot, s, batch_size=batch)
     t_batched = time.perf_counter() - t0
     diff = max(float(np.abs(b.positions.astype(np.float64) - a.positions).max()) for a, b in zip(serial, batched))
     n_steps = (s.n_frames - 1) * s.save_every

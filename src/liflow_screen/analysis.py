@@ -19,14 +19,7 @@ import numpy as np
 
 from .errors import InputError
 
-#: Boltzmann constant, eV/K (CODATA 2018).
-K_B_EV = 8.617333262e-5
-#: Boltzmann constant, J/K (exact, SI 2019).
-K_B_J = 1.380649e-23
-#: Elementary charge, C (exact, SI 2019).
-E_CHARGE = 1.602176634e-19
-#: 1 Å²/ps in cm²/s.
-A2_PER_PS_TO_CM2_PER_S = 1e-16 / 1e-12
+from .constants import A2_PER_PS_TO_CM2_PER_S, E_CHARGE, K_B_EV, K_B_J  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _args_structures(p: argparse.ArgumentParser) -> None:
 
 @command("structures", "collect structures, build supercells, split by composition", _args_structures)
 def _structures(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import structures
+    from .stages import structures
 
     structures.run(cfg, ns.out)
 
@@ -62,25 +62,23 @@ def _args_md(p: argparse.ArgumentParser) -> None:
 
 @command("md", "relax, describe and run reference MD for one manifest chunk", _args_md)
 def _md(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import md, schema
+    from .stages import md
 
-    manifest = schema.read_df(ns.manifest, "manifest")
-    if ns.chunk not in set(manifest["chunk"]):
-        raise LiflowError(f"chunk {ns.chunk} is not in {ns.manifest} (chunks 0..{int(manifest['chunk'].max())})")
-    md.run_chunk(cfg, manifest, ns.chunk, ns.out_dir, progress=True)
+    md.run(cfg, ns.manifest, ns.chunk, ns.out_dir, progress=True)
 
 
 def _args_dataset(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
-    p.add_argument("--md-root", required=True, type=Path, help="folder with chunk_NNNNN/ MD outputs")
+    p.add_argument("--md-files", required=True, type=Path, nargs="+",
+                   help="every MD chunk's structures.parquet, status.parquet and frames_T<K>.parquet files")
     p.add_argument("--out-dir", required=True, type=Path)
 
 
 @command("dataset", "merge MD chunks into the Parquet trajectory dataset with labels", _args_dataset)
 def _dataset(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import dataset
+    from .stages import dataset
 
-    dataset.build(cfg, ns.manifest, ns.md_root, ns.out_dir)
+    dataset.run(cfg, ns.manifest, ns.md_files, ns.out_dir)
 
 
 def _args_selector(p: argparse.ArgumentParser) -> None:
@@ -91,9 +89,9 @@ def _args_selector(p: argparse.ArgumentParser) -> None:
 
 @command("train-selector", "train the prior-selector classifiers (Li, frame)", _args_selector)
 def _train_selector(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import stages
+    from .stages import train
 
-    stages.train_selector(cfg, ns.dataset, ns.out, ns.report)
+    train.run_selector(cfg, ns.dataset, ns.out, ns.report)
 
 
 def _args_train(p: argparse.ArgumentParser) -> None:
@@ -108,10 +106,10 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a Propagator or the Corrector (conditional flow matching)", _args_train)
 def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import stages
+    from .stages import train
 
-    stages.train_model(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
-                       init_from=ns.init_from)
+    train.run(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
+              init_from=ns.init_from)
 
 
 def _args_import(p: argparse.ArgumentParser) -> None:
@@ -151,7 +149,7 @@ def _import_model(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 def _args_rollout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
-    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--structures", required=True, type=Path, help="dataset structures.parquet (relaxed supercells)")
     p.add_argument("--selector", type=Path, default=None, help="prior selector (rollout.prior_selection: selector)")
     p.add_argument("--propagator", required=True, type=Path)
     p.add_argument("--corrector", type=Path, default=None)
@@ -162,25 +160,25 @@ def _args_rollout(p: argparse.ArgumentParser) -> None:
 
 @command("rollout", "batched LiFlow rollouts (Algorithm 1) for one chunk of structures", _args_rollout)
 def _rollout(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import stages
+    from .stages import rollout
 
-    stages.rollout_chunk(cfg, ns.manifest, ns.dataset, ns.selector, ns.propagator, ns.corrector, ns.variant,
-                         ns.chunk, ns.out_dir)
+    rollout.run(cfg, ns.manifest, ns.structures, ns.selector, ns.propagator, ns.corrector, ns.variant,
+                ns.chunk, ns.out_dir)
 
 
 def _args_analyze(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, type=Path)
-    p.add_argument("--frames", required=True, type=Path, help="chunk folder with frames_T<K>.parquet + status.parquet")
+    p.add_argument("--structures", required=True, type=Path, help="dataset structures.parquet")
+    p.add_argument("--frames", required=True, type=Path, nargs="+", help="the chunk's frames_T<K>.parquet files")
+    p.add_argument("--status", required=True, type=Path, help="the chunk's status.parquet")
     p.add_argument("--source", required=True, help="md or liflow:<variant>")
     p.add_argument("--out", required=True, type=Path)
 
 
 @command("analyze", "MSD, kinisi D*, RDF for the trajectories of one chunk", _args_analyze)
 def _analyze(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import report
+    from .stages import analyze
 
-    report.analyze_trajectories(ns.frames, ns.dataset / "structures.parquet", ns.out, cfg=cfg,
-                                status=ns.frames / "status.parquet", sources=[ns.source])
+    analyze.run(ns.frames, ns.structures, ns.out, cfg=cfg, status=ns.status, sources=[ns.source])
 
 
 def _args_report(p: argparse.ArgumentParser) -> None:
@@ -194,10 +192,10 @@ def _args_report(p: argparse.ArgumentParser) -> None:
 
 @command("report", "metrics.csv (Table 1 layout), ranking.csv, prior_classes.csv and plots", _args_report)
 def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import report
+    from .stages import report
 
-    report.write_reports(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
-                         variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels)
+    report.run(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
+               variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels)
 
 
 def _args_verify(p: argparse.ArgumentParser) -> None:
@@ -238,9 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reproducible_math_env() -> None:
+    """Make MKL (torch's CPU BLAS) give the same bits run to run for a given thread count.
+
+    Without conditional numerical reproducibility MKL may pick kernels by memory alignment and
+    change its thread count at run time, so two runs of the same rollout can differ in the last
+    bits, which chaotic rollouts amplify. Must run before torch is imported; user settings win.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # e3nn 0.4.4 under torch >= 2.6
+    reproducible_math_env()
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,

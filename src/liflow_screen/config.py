@@ -116,11 +116,6 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def md_temperatures(cfg: dict[str, Any]) -> list[float]:
-    """Reference MD temperatures, K."""
-    return [float(t) for t in cfg["md"]["temperatures"]]
-
-
 def rollout_temperatures(cfg: dict[str, Any]) -> list[float]:
     """Rollout temperatures, K (defaults to the MD temperatures)."""
     temps = cfg["rollout"]["temperatures"]

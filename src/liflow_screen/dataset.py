@@ -1,45 +1,29 @@
-"""Dataset stage: merge MD chunks into the Parquet trajectory dataset, compute labels, sample pairs.
+"""The trajectory dataset in memory: MSD labels, reference trajectories, Δτ pair sampling.
 
-Layout of ``results/dataset/`` (all zstd Parquet, provenance in the metadata)::
+The stage that writes the dataset is ``stages.dataset``.
 
-    structures.parquet                      relaxed supercells + descriptors (schema.STRUCTURES)
-    status.parquet                          one row per (structure, T) trajectory (schema.STATUS)
-    labels.parquet                          MSD/τ labels per trajectory (schema.LABELS)
-    frames/temperature=<K>/split=<s>/part-<chunk>.parquet   frames (schema.FRAMES)
-
+Layout of ``results/dataset/``: see ``stages.dataset`` and :mod:`layout`.
 Units: Å, ps, K.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema
+from . import layout, schema
 from .errors import SchemaError
-from .io import provenance
 
 log = logging.getLogger(__name__)
 
 
-def md_chunk_dir(md_root: str | Path, chunk: int) -> Path:
-    """Directory holding the MD outputs of one chunk."""
-    return Path(md_root) / f"chunk_{int(chunk):05d}"
-
-
-def frames_file(chunk_dir: str | Path, temperature: float) -> Path:
-    """The frame table of one chunk at one temperature (K), MD or rollout."""
-    return Path(chunk_dir) / f"frames_T{int(round(temperature))}.parquet"
 
 
 def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict[str, float]:
@@ -64,70 +48,6 @@ def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict
     return out
 
 
-def build(cfg: dict[str, Any], manifest_path: str | Path, md_root: str | Path, out_dir: str | Path) -> dict[str, int]:
-    """Assemble the dataset from the MD chunk outputs listed by the manifest.
-
-    Built in ``<out_dir>.tmp`` and renamed into place, so a failure leaves no half-written dataset.
-    Returns counts (structures, trajectories, frames).
-    """
-    manifest = schema.read_df(manifest_path, "manifest", columns=["id", "split", "chunk", "run_md"])
-    split_of = dict(zip(manifest["id"], manifest["split"]))
-    temps = [float(t) for t in cfg["md"]["temperatures"]]
-    threshold = float(cfg["dataset"]["slow_threshold"])
-    zstd = int(cfg["dataset"]["zstd_level"])
-    prov = provenance(cfg, stage="dataset")
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-
-    structures, statuses, labels = [], [], []
-    n_frames = 0
-    for chunk in sorted(manifest["chunk"].unique()):
-        cdir = md_chunk_dir(md_root, chunk)
-        st = schema.read_df(cdir / "structures.parquet", "structures")
-        structures.append(st)
-        status = schema.read_df(cdir / "status.parquet", "status")
-        statuses.append(status)
-        numbers = {r.id: np.asarray(r.numbers) for r in st.itertuples()}
-        ok = status[status["status"] == "ok"]
-        for T in temps:
-            table = schema.read_table(frames_file(cdir, T), "frames")
-            if table.num_rows == 0:
-                continue
-            ok_ids = set(ok.loc[ok["temperature"] == int(round(T)), "id"])
-            for split in schema.SPLITS:
-                ids = [i for i in ok_ids if split_of.get(i) == split]
-                if not ids:
-                    continue
-                part = table.filter(pc.is_in(table.column("id"), pa.array(ids)))
-                dest = schema.frame_partition_path(tmp / "frames", T, split) / f"part-{int(chunk):05d}.parquet"
-                schema.write_table(part, dest, "frames", prov=prov, zstd_level=zstd)
-                n_frames += part.num_rows
-            for sid in sorted(ok_ids):
-                sub = table.filter(pc.equal(table.column("id"), sid)).sort_by("frame")
-                pos = schema.positions_array(sub)
-                try:
-                    lab = msd_labels(pos, numbers[sid] == 3, sub.column("time_ps").to_numpy())
-                except SchemaError as exc:
-                    raise SchemaError(f"{frames_file(cdir, T)}: structure {sid} at {T:g} K: {exc}") from exc
-                labels.append({"id": sid, "temperature": int(round(T)), "split": split_of[sid], **lab,
-                               "slow_li": bool(lab["rate_li"] < threshold),
-                               "slow_frame": bool(lab["rate_frame"] < threshold)})
-    st_all = pd.concat(structures, ignore_index=True)
-    missing = set(manifest["id"]) - set(st_all["id"])
-    if missing:
-        raise SchemaError(f"MD outputs lack structures listed in the manifest: {', '.join(sorted(missing)[:5])}")
-    schema.write_rows(st_all, tmp / "structures.parquet", "structures", prov=prov, zstd_level=zstd)
-    schema.write_rows(pd.concat(statuses, ignore_index=True), tmp / "status.parquet", "status", prov=prov)
-    schema.write_rows(labels, tmp / "labels.parquet", "labels", prov=prov)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    counts = {"structures": len(st_all), "trajectories": len(labels), "frames": n_frames}
-    log.info("dataset %s: %s", out, counts)
-    return counts
 
 
 # ----------------------------------------------------------------------------------- pairs
@@ -152,10 +72,12 @@ def load_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> list[Tr
     labels = schema.read_df(root / "labels.parquet", "labels")
     splits = set(splits)
     out: list[Trajectory] = []
+    by_key: dict[tuple[int, str | None], list[Path]] = {}
+    for f in layout.dataset_frame_files(root, sorted(splits)):
+        by_key.setdefault(layout.frames_key(f), []).append(f)
     for T in sorted(labels["temperature"].unique()):
         for split in sorted(splits):
-            d = schema.frame_partition_path(root / "frames", T, split)
-            for f in sorted(d.glob("*.parquet")):
+            for f in by_key.get((int(T), split), []):
                 table = schema.read_table(f, "frames", columns=["id", "frame", "positions"])
                 ids = table.column("id").to_pylist()
                 for sid in sorted(set(ids)):
@@ -222,8 +144,7 @@ def delta_frames(cfg: dict[str, Any]) -> int:
 
 def bytes_per_atom_frame(dataset_dir: str | Path) -> float:
     """On-disk bytes of the frame files per stored atom-frame (raw float32 xyz is 12 bytes)."""
-    root = Path(dataset_dir) / "frames"
-    files = list(root.glob("temperature=*/split=*/*.parquet"))
+    files = layout.dataset_frame_files(dataset_dir)
     size = sum(f.stat().st_size for f in files)
     atoms = 0
     for f in files:

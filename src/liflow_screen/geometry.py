@@ -43,6 +43,19 @@ def center_of_mass(pos: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor,
     return num / den
 
 
+def _canonical_edge_order(i: "torch.Tensor", j: "torch.Tensor", s: "torch.Tensor", n: int) -> "torch.Tensor":
+    """Permutation sorting edges by (i, j, image shift s): one order whatever produced them."""
+    import torch
+
+    if i.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=i.device)
+    k = int(s.abs().max()) + 1
+    w = 2 * k + 1
+    code = ((s[:, 0] + k) * w + (s[:, 1] + k)) * w + (s[:, 2] + k)
+    key = (i * n + j) * (w**3) + code
+    return torch.argsort(key, stable=True)
+
+
 def radius_graph_pbc(
     pos: torch.Tensor,
     cell: torch.Tensor,
@@ -82,8 +95,11 @@ def radius_graph_pbc(
         s = s.to(torch.float64)
         # vector = p_wrapped[j] - p_wrapped[i] + s@c  =  p[j] - p[i] + (s - off_j + off_i)@c
         s_unwrapped = s - offset[j] + offset[i]
-        edges.append(torch.stack([i.long() + lo, j.long() + lo]))
-        shifts.append(s_unwrapped @ c)
+        # canonical edge order (i, j, image): sums over edges then do not depend on the order
+        # the neighbour-list library happens to return (bit-reproducible messages)
+        order = _canonical_edge_order(i.long(), j.long(), s.long(), hi - lo)
+        edges.append(torch.stack([i.long()[order] + lo, j.long()[order] + lo]))
+        shifts.append(s_unwrapped[order] @ c)
     edge_index = torch.cat(edges, dim=1) if edges else torch.zeros(2, 0, dtype=torch.long, device=pos.device)
     shift = torch.cat(shifts, dim=0).to(pos.dtype) if shifts else torch.zeros(0, 3, dtype=pos.dtype, device=pos.device)
     return edge_index.to(pos.device), shift.to(pos.device)

@@ -58,7 +58,19 @@ def versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    from . import __version__
+
+    out["liflow-screen"] = __version__  # the code that ran (also when run from a checkout via PYTHONPATH)
     return out
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file (model checkpoints, inputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def config_digest(config: Any) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 from .errors import ConfigError, InputError, LiflowError
+from .runtime import resolve_device
 
 # mace-torch pins e3nn 0.4.4, whose import calls torch.load on a pickle that torch >= 2.6 refuses
 # under weights_only=True. mace itself sets this variable on import; set it before any e3nn import.
@@ -42,17 +43,6 @@ def _import_mace() -> None:
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     import mace  # noqa: F401
     import mace.calculators  # noqa: F401
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is a ConfigError."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key md.device is 'cuda' but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"config key md.device: unknown device {device!r} (auto, cpu, cuda)")
-    return device
 
 
 def _group_means(feats: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +232,7 @@ def load_potential(md_cfg: dict[str, Any], device: str = "auto", allow_download:
     dtype = md_cfg.get("dtype", "float32")
     if dtype not in ("float32", "float64"):
         raise ConfigError(f"config key md.dtype: {dtype!r} is not float32 or float64")
-    dev = resolve_device(device if device != "auto" else md_cfg.get("device", "auto"))
+    dev = resolve_device(device if device != "auto" else md_cfg.get("device", "auto"), key="md.device")
     if kind == "chgnet":
         from chgnet.model import CHGNet
         from chgnet.model.dynamics import CHGNetCalculator

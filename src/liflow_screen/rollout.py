@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import schema
 from .errors import InputError
 from .geometry import center_of_mass
 from .model.graph import GraphBatch
@@ -296,8 +297,7 @@ def rollout_status_rows(result: RolloutResult, ids: Sequence[str], temperatures:
         raise InputError(f"need {n_graphs} ids and temperatures, got {len(ids)} and {len(temperatures)}")
     splits = [split] * n_graphs if isinstance(split, str) else list(split)
     share = (result.wall_s if wall_s is None else wall_s) / n_graphs
-    return [{"id": str(ids[k]), "temperature": int(round(float(temperatures[k]))), "split": splits[k],
-             "source": source, "status": "diverged" if bool(result.diverged[k]) else "ok",
-             "reason": result.reason[k], "n_frames": int(result.n_ok_steps[k]) + 1,
-             "duration_ps": float(int(result.n_ok_steps[k]) * dt_ps), "wall_s": float(share)}
+    return [schema.status_row(ids[k], temperatures[k], splits[k], source,
+                              "diverged" if bool(result.diverged[k]) else "ok", result.reason[k],
+                              int(result.n_ok_steps[k]) + 1, int(result.n_ok_steps[k]) * dt_ps, share)
             for k in range(n_graphs)]

@@ -7,6 +7,8 @@ metadata under ``liflow_screen``. Units: Å, ps, K, eV, amu.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,16 @@ STATUS = pa.schema([
     ("duration_ps", pa.float64()),
     ("wall_s", pa.float64()),
 ])
+
+
+
+def status_row(sid: str, temperature: float, split: str, source: str, status: str, reason: str = "",
+               n_frames: int = 0, duration_ps: float = 0.0, wall_s: float = 0.0) -> dict[str, Any]:
+    """One :data:`STATUS` row: how the (structure, temperature K) trajectory of ``source`` ended."""
+    return {"id": str(sid), "temperature": int(round(float(temperature))), "split": str(split), "source": source,
+            "status": status, "reason": reason, "n_frames": int(n_frames), "duration_ps": float(duration_ps),
+            "wall_s": float(wall_s)}
+
 
 #: Per-trajectory labels for the prior selector (dataset/labels.parquet).
 LABELS = pa.schema([
@@ -233,55 +245,50 @@ def verify(path: str | Path, kind: str) -> None:
         raise SchemaError(f"{path}: invalid {kind} data ({exc})") from exc
 
 
-def frame_partition_path(root: str | Path, temperature: float, split: str) -> Path:
-    """Hive-style directory of the frame table for one (temperature K, split)."""
-    return Path(root) / f"temperature={int(round(temperature))}" / f"split={split}"
+def open_frames(files: "Sequence[str | os.PathLike[str]]") -> pads.Dataset:
+    """Open exactly ``files`` as one frame dataset with ``temperature`` and ``split`` columns, schema-checked.
 
-
-def chunk_frame_files(chunk_dir: str | Path) -> dict[int, Path]:
-    """Frame files of one MD or rollout chunk directory, by temperature (K): ``frames_T<K>.parquet``."""
-    out = {}
-    for f in sorted(Path(chunk_dir).glob("frames_T*.parquet")):
-        try:
-            out[int(f.stem.removeprefix("frames_T"))] = f
-        except ValueError:
-            continue
-    return out
-
-
-def open_frames(root: str | Path) -> pads.Dataset:
-    """Open frames as one dataset with ``temperature`` (and ``split``) columns, schema-checked.
-
-    ``root`` is either a partitioned dataset (``temperature=*/split=*/*.parquet``) or a chunk
-    directory of ``frames_T<K>.parquet`` files (then ``split`` is null).
+    Each file is a chunk's ``frames_T<K>.parquet`` (then ``split`` is null: the structures table holds
+    it) or a dataset part ``temperature=<K>/split=<s>/part-NNNNN.parquet`` (see :mod:`layout`).
+    Nothing else is read: the caller passes the files its rule declares.
     """
-    root = Path(root)
-    files = sorted(root.glob("temperature=*/split=*/*.parquet"))
-    by_temp = {} if files else chunk_frame_files(root)
-    if not files and not by_temp:
-        raise SchemaError(f"{root}: no frame files (expected temperature=*/split=*/*.parquet or frames_T<K>.parquet)")
-    for f in files or by_temp.values():
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+
+    from . import layout
+
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise SchemaError("no frame files given")
+    keys = []
+    for f in paths:
+        try:
+            keys.append(layout.frames_key(f))
+        except ValueError as exc:
+            raise SchemaError(str(exc)) from exc
         try:
             _check(pq.read_schema(f), "frames", f)
         except SchemaError:
             raise
         except Exception as exc:
             raise SchemaError(f"{f}: unreadable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    seen: dict[tuple[int, str | None], Path] = {}
+    for f, k in zip(paths, keys):
+        if k[1] is None and k in seen:
+            raise SchemaError(f"frame files {seen[k]} and {f} both hold {k[0]} K: pass one chunk's files")
+        seen.setdefault(k, f)
     full = pa.unify_schemas([FRAMES, FRAME_PARTITIONS])
-    if files:
-        part = pads.partitioning(FRAME_PARTITIONS, flavor="hive")
-        return pads.dataset([str(f) for f in files], format="parquet", partitioning=part,
-                            partition_base_dir=str(root), schema=full)
-    import pyarrow.compute as pc
-    import pyarrow.fs as pafs
 
-    temps = sorted(by_temp)
+    def part(k: tuple[int, str | None]) -> "pc.Expression":
+        e = pc.field("temperature") == pa.scalar(k[0], pa.int32())
+        return e & (pc.field("split") == pa.scalar(k[1], pa.string())) if k[1] is not None else e
+
     return pads.FileSystemDataset.from_paths(
-        [str(by_temp[t].resolve()) for t in temps], schema=full, format=pads.ParquetFileFormat(),
-        filesystem=pafs.LocalFileSystem(), partitions=[pc.field("temperature") == pa.scalar(t, pa.int32()) for t in temps])
+        [str(f.resolve()) for f in paths], schema=full, format=pads.ParquetFileFormat(),
+        filesystem=pafs.LocalFileSystem(), partitions=[part(k) for k in keys])
 
 
-def positions_array(table: pa.Table) -> "np.ndarray":
+def positions_array(table: pa.Table) -> "np.ndarray":  # noqa: F821 (numpy imported lazily)
     """The ``positions`` list column of one trajectory's frames -> (frames, n, 3) float32 Å."""
     import numpy as np
     import pyarrow.compute as pc

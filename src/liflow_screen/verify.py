@@ -12,32 +12,24 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import schema
+from . import layout, schema
 from .errors import SchemaError
 
 log = logging.getLogger(__name__)
 
 
-def kind_of(path: Path) -> str | None:
-    """The schema kind of a workflow output by its name, or None for tables without one (analysis)."""
-    name = path.name
-    if name == "manifest.parquet":
-        return "manifest"
-    if name in ("structures.parquet", "status.parquet", "labels.parquet"):
-        return name.removesuffix(".parquet")
-    if name.startswith("frames_T") or name.startswith("part-"):
-        return "frames"
-    return None
-
-
 def check(root: str | Path, deep: bool = False) -> list[tuple[Path, str]]:
-    """(path, reason) for every unreadable Parquet file under ``root``."""
+    """(path, reason) for every unreadable Parquet file under ``root``.
+
+    The one place that lists a results folder: an integrity scan of everything there, not a stage
+    reading its inputs (stages read only the files their rules declare).
+    """
     bad: list[tuple[Path, str]] = []
     for f in sorted(Path(root).rglob("*.parquet")):
         try:
             pq.read_metadata(f)
             if deep:
-                kind = kind_of(f)
+                kind = layout.kind_of(f)
                 if kind is None:
                     pq.read_table(f).validate(full=True)
                 else:

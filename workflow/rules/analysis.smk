@@ -5,22 +5,21 @@ rule analyze_reference:
         frames=expand(f"{R}/md/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=TEMPS),
     output:
         f"{R}/analysis/md/chunk_{{chunk}}.parquet",
-    params:
-        config=RUNCFG,
-        cfg=lambda w: section("analysis"),
-        dataset=lambda w, input: os.path.dirname(input.structures),
-        frames=lambda w, input: os.path.dirname(input.status),
-    wildcard_constraints:
-        chunk=r"\d{5}",
     log:
         "logs/analysis/md/chunk_{chunk}.log",
+    wildcard_constraints:
+        chunk=r"\d{5}",
     conda:
         "../../envs/analysis.yaml"
     resources:
         runtime=120,
         mem_mb=8000,
+    params:
+        config=RUNCFG,
+        cfg=lambda w: section("analysis"),
     shell:
-        "liflow-screen analyze --config {params.config} --dataset {params.dataset} --frames {params.frames} "
+        "python -m liflow_screen analyze --config {params.config} --structures {input.structures} --frames {input.frames} "
+        "--status {input.status} "
         "--source md --out {output} 2> {log}"
 
 
@@ -28,24 +27,26 @@ rule analyze_rollout:
     input:
         structures=f"{R}/dataset/structures.parquet",
         status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
-        frames=expand(f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=ROLL_TEMPS),
+        frames=expand(
+            f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet",
+            T=ROLL_TEMPS,
+        ),
     output:
         f"{R}/analysis/{{variant}}/chunk_{{chunk}}.parquet",
-    params:
-        config=RUNCFG,
-        cfg=lambda w: section("analysis"),
-        dataset=lambda w, input: os.path.dirname(input.structures),
-        frames=lambda w, input: os.path.dirname(input.status),
+    log:
+        "logs/analysis/{variant}/chunk_{chunk}.log",
     wildcard_constraints:
         chunk=r"\d{5}",
         variant="|".join(sorted(ROLL_VARIANTS, key=len, reverse=True)),
-    log:
-        "logs/analysis/{variant}/chunk_{chunk}.log",
     conda:
         "../../envs/analysis.yaml"
     resources:
         runtime=120,
         mem_mb=8000,
+    params:
+        config=RUNCFG,
+        cfg=lambda w: section("analysis"),
     shell:
-        "liflow-screen analyze --config {params.config} --dataset {params.dataset} --frames {params.frames} "
+        "python -m liflow_screen analyze --config {params.config} --structures {input.structures} --frames {input.frames} "
+        "--status {input.status} "
         "--source liflow:{wildcards.variant} --out {output} 2> {log}"

@@ -2,6 +2,8 @@
 # per-structure file list, so the DAG stays small at the 4,186-structure scale.
 import pyarrow.parquet as _pq
 
+from liflow_screen import layout
+
 
 def manifest_path():
     return checkpoints.structures.get().output.manifest
@@ -20,8 +22,7 @@ def rollout_chunks():
     return list(range((n + size - 1) // size))
 
 
-def chunk_str(k):
-    return f"{int(k):05d}"
+chunk_str = layout.chunk_str
 
 
 def section(name):
@@ -43,7 +44,11 @@ def propagator_file(variant):
 
 def corrector_files(variant):
     """[] or [the Corrector checkpoint] a rollout variant uses."""
-    if not CFG["rollout"]["corrector"] or variant == "regressor" or variant.endswith(NO_CORRECTOR):
+    if (
+        not CFG["rollout"]["corrector"]
+        or variant == "regressor"
+        or variant.endswith(NO_CORRECTOR)
+    ):
         return []
     if variant == "published":
         return [f"{R}/models/published/corrector.pt"] if PRE["corrector"] else []
@@ -52,27 +57,31 @@ def corrector_files(variant):
 
 def rollout_chunk_files(name):
     """``name`` (status.parquet, priors.parquet) of every rollout chunk of every variant."""
-    return [f"{R}/rollout/{v}/chunk_{chunk_str(k)}/{name}" for v in ROLL_VARIANTS for k in rollout_chunks()]
+    return [
+        f"{R}/rollout/{v}/chunk_{chunk_str(k)}/{name}"
+        for v in ROLL_VARIANTS
+        for k in rollout_chunks()
+    ]
 
 
 def report_analysis_inputs(wildcards):
     ref = [f"{R}/analysis/md/chunk_{chunk_str(k)}.parquet" for k in md_chunks()]
-    gen = [f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet" for v in ROLL_VARIANTS for k in rollout_chunks()]
+    gen = [
+        f"{R}/analysis/{v}/chunk_{chunk_str(k)}.parquet"
+        for v in ROLL_VARIANTS
+        for k in rollout_chunks()
+    ]
     return ref + gen
 
 
 # Corrupt intermediates (truncated / overwritten Parquet files) are moved aside before the DAG is
-# built, so the jobs that made them run again instead of their outputs being used. Skipped in
-# dry runs (-n), which must not touch files, and inside cluster / subprocess jobs (main process only).
-def _is_dry_run(argv):
-    return any(a in ("--dry-run", "--dryrun") or (a.startswith("-") and not a.startswith("--") and "n" in a[1:])
-               for a in argv[1:])
-
-
-from snakemake_interface_executor_plugins.settings import ExecMode as _ExecMode
-
-if workflow.exec_mode == _ExecMode.DEFAULT and not _is_dry_run(sys.argv) and Path(R).exists():
+# built, so the jobs that made them run again instead of their outputs being used. Only in the
+# main process of a real run (WRITES, Snakefile): dry runs and cluster jobs touch no file.
+if WRITES and Path(R).exists():
     from liflow_screen import verify as _verify
 
     for _f in _verify.quarantine(R):
-        print(f"liflow-screen: corrupt {_f} moved aside; it will be rebuilt", file=sys.stderr)
+        print(
+            f"liflow-screen: corrupt {_f} moved aside; it will be rebuilt",
+            file=sys.stderr,
+        )

@@ -7,17 +7,29 @@ rule report:
         status=lambda w: rollout_chunk_files("status.parquet"),
         priors=lambda w: rollout_chunk_files("priors.parquet"),
     output:
-        ranking=report(f"{R}/reports/ranking.csv", caption="../report/ranking.rst", category="Ranking"),
-        metrics=report(f"{R}/reports/metrics.csv", caption="../report/metrics.rst", category="Metrics"),
+        ranking=report(
+            f"{R}/reports/ranking.csv",
+            caption="../report/ranking.rst",
+            category="Ranking",
+        ),
+        metrics=report(
+            f"{R}/reports/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Metrics",
+        ),
         prior_classes=f"{R}/reports/prior_classes.csv",
-        parity=report(directory(f"{R}/reports/parity"), patterns=["{name}.png"],
-                      caption="../report/parity.rst", category="Parity"),
-        arrhenius=report(directory(f"{R}/reports/arrhenius"), patterns=["{name}.png"],
-                         caption="../report/arrhenius.rst", category="Arrhenius"),
-    params:
-        config=RUNCFG,
-        cfg=lambda w: section("analysis"),
-        out_dir=lambda w, output: os.path.dirname(output.ranking),
+        parity=report(
+            directory(f"{R}/reports/parity"),
+            patterns=["{name}.png"],
+            caption="../report/parity.rst",
+            category="Parity",
+        ),
+        arrhenius=report(
+            directory(f"{R}/reports/arrhenius"),
+            patterns=["{name}.png"],
+            caption="../report/arrhenius.rst",
+            category="Arrhenius",
+        ),
     log:
         "logs/report.log",
     conda:
@@ -25,7 +37,11 @@ rule report:
     resources:
         runtime=60,
         mem_mb=8000,
+    params:
+        config=RUNCFG,
+        cfg=lambda w: section("analysis"),
+        out_dir=lambda w, output: os.path.dirname(output.ranking),
     shell:
-        "liflow-screen report --config {params.config} --structures {input.structures} --labels {input.labels} "
+        "python -m liflow_screen report --config {params.config} --structures {input.structures} --labels {input.labels} "
         "--analysis {input.analysis} --status {input.md_status} {input.status} --priors {input.priors} "
         "--out-dir {params.out_dir} 2> {log}"

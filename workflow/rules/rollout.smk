@@ -8,26 +8,34 @@ rule rollout:
     output:
         status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
         priors=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/priors.parquet",
-        frames=expand(f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet", T=ROLL_TEMPS),
-    params:
-        config=RUNCFG,
-        cfg=lambda w: section("rollout"),
-        dataset=lambda w, input: os.path.dirname(input.structures),
-        corrector=lambda w, input: f"--corrector {input.corrector}" if input.corrector else "",
-        selector=lambda w, input: f"--selector {input.selector}" if input.selector else "",
-        out_dir=lambda w, output: os.path.dirname(output.status),
+        frames=expand(
+            f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet",
+            T=ROLL_TEMPS,
+        ),
+    log:
+        "logs/rollout/{variant}/chunk_{chunk}.log",
+    benchmark:
+        "logs/benchmarks/rollout/{variant}/chunk_{chunk}.tsv"
     wildcard_constraints:
         chunk=r"\d{5}",
         variant="|".join(sorted(ROLL_VARIANTS, key=len, reverse=True)),
-    log:
-        "logs/rollout/{variant}/chunk_{chunk}.log",
     conda:
         "../../envs/torch.yaml"
     threads: 2
     resources:
         runtime=240,
         mem_mb=16000,
+    params:
+        config=RUNCFG,
+        cfg=lambda w: section("rollout"),
+        corrector=lambda w, input: (
+            f"--corrector {input.corrector}" if input.corrector else ""
+        ),
+        selector=lambda w, input: (
+            f"--selector {input.selector}" if input.selector else ""
+        ),
+        out_dir=lambda w, output: os.path.dirname(output.status),
     shell:
-        "liflow-screen rollout --config {params.config} --threads {threads} --manifest {input.manifest} --dataset {params.dataset} "
+        "python -m liflow_screen rollout --config {params.config} --threads {threads} --manifest {input.manifest} --structures {input.structures} "
         "{params.selector} --propagator {input.propagator} {params.corrector} "
         "--variant {wildcards.variant} --chunk {wildcards.chunk} --out-dir {params.out_dir} 2> {log}"

@@ -1,9 +1,6 @@
 checkpoint structures:
     output:
         manifest=f"{R}/structures/manifest.parquet",
-    params:
-        config=RUNCFG,
-        cfg=lambda w: section("structures") + section("md") + str(CFG["seed"]),
     log:
         "logs/structures.log",
     conda:
@@ -11,5 +8,8 @@ checkpoint structures:
     resources:
         runtime=60,
         mem_mb=4000,
+    params:
+        config=RUNCFG,
+        cfg=lambda w: section("structures") + section("md") + str(CFG["seed"]),
     shell:
-        "liflow-screen structures --config {params.config} --out {output.manifest} 2> {log}"
+        "python -m liflow_screen structures --config {params.config} --out {output.manifest} 2> {log}"

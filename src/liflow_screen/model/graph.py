@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from ase.data import atomic_masses
 
+from ..constants import LI_Z
+
 
 @dataclass
 class GraphBatch:
@@ -33,7 +35,7 @@ class GraphBatch:
     @property
     def is_li(self) -> torch.Tensor:
         """(N,) bool: lithium atoms."""
-        return self.numbers == 3
+        return self.numbers == LI_Z
 
     def to(self, device: torch.device | str) -> "GraphBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})

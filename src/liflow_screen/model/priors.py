@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..constants import K_B_EV as KB
 from ..errors import ConfigError
 from .graph import GraphBatch
-
-#: Boltzmann constant, eV/K.
-KB = 8.617333262e-5
 
 PRIOR_KINDS = ("isotropic", "uniform", "adaptive")
 

@@ -28,7 +28,6 @@ embedding.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, LiflowError
-from ..io import atomic_path, provenance
+from ..io import atomic_path, provenance, sha256_of
 from .painn import N_Z, FlowModel
 
 log = logging.getLogger(__name__)
@@ -159,15 +158,6 @@ def _plain(x: Any) -> Any:
     if isinstance(x, list):
         return [_plain(v) for v in x]
     return x
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_lightning_checkpoint(path: str | os.PathLike[str]

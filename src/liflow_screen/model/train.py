@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
 from ..io import atomic_path, config_digest, load_torch_file, provenance, write_json_atomic
+from ..runtime import resolve_device
 from .graph import GraphBatch, make_batch
 from .painn import FlowModel
 from .priors import prior_sigma, sample_prior, select_scales
@@ -53,7 +54,7 @@ PROPAGATOR_VARIANTS = ("adaptive", "uniform", "isotropic", "regressor")
 CORRECTOR_VARIANTS = ("uniform", "adaptive")
 CKPT_FORMAT = "liflow-flow-checkpoint/2"
 #: train.* keys that may change between a run and its resumption (everything else must match).
-_RESUMABLE_KEYS = frozenset({"max_steps", "device", "variants", "classifier_hidden", "classifier_epochs",
+RESUMABLE_KEYS = frozenset({"max_steps", "device", "variants", "classifier_hidden", "classifier_epochs",
                              "classifier_lr"})
 
 
@@ -204,15 +205,6 @@ def flow_loss(model: FlowModel, b: FlowBatch, regressor: bool = False) -> Tensor
 
 
 # --------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
 def _seeds(seed: int, kind: str) -> tuple[int, int, int]:
     """Independent seeds for (batch sampling, training noise, validation set) from the master seed."""
     ss = np.random.SeedSequence([int(seed), KINDS.index(kind)])
@@ -306,10 +298,10 @@ def train_flow(
         if not math.isclose(float(init.get("delta_tau_ps") or float("nan")), dtau, rel_tol=1e-6):
             raise InputError(f"{init_from} was trained with Δτ = {init.get('delta_tau_ps')} ps, the dataset's "
                              f"pairs are {dtau} ps apart (dataset.delta_tau_ps)")
-    device = resolve_device(str(tcfg.get("device", "auto")))
+    device = torch.device(resolve_device(str(tcfg.get("device", "auto")), key="train.device"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_digest({"train": {k: v for k, v in tcfg.items() if k not in _RESUMABLE_KEYS}, "seed": seed,
+    digest = config_digest({"train": {k: v for k, v in tcfg.items() if k not in RESUMABLE_KEYS}, "seed": seed,
                             "init_from": None if init_from is None else str(init_from)})
 
     s_batch, s_noise, s_val = _seeds(seed, kind)

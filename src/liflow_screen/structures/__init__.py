@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .. import schema
 from ..errors import InputError
 from ..geometry import perpendicular_widths, supercell_repeats
-from ..io import provenance
 from .sources import Record, Rejection, cif_dir, manifest_file, materials_project
 
 log = logging.getLogger(__name__)
@@ -120,17 +117,3 @@ def build_manifest(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[Rejection], 
     df["run_md"] = run_md.to_numpy()
     df["chunk"] = (np.arange(len(df)) // md["chunk_size"]).astype(np.int32)
     return df, rejected, extra
-
-
-def run(cfg: dict[str, Any], out: str | Path) -> pd.DataFrame:
-    """Build the manifest and write it atomically to ``out`` (with rejections in provenance)."""
-    df, rejected, extra = build_manifest(cfg)
-    for r in rejected:
-        log.warning("rejected %s", r.reason)
-    prov = provenance(cfg, stage="structures", rejected=[r.reason for r in rejected], **extra)
-    schema.write_rows(df, out, "manifest", prov=prov)
-    counts = df["split"].value_counts().to_dict()
-    log.info("wrote %s: %d structures (%s), %d with MD, %d chunks, %d rejected", out, len(df),
-             ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), int(df["run_md"].sum()),
-             int(df["chunk"].max()) + 1, len(rejected))
-    return df

@@ -218,7 +218,8 @@ def test_pilot_prior_selection(universal, one_torch_thread) -> None:
     Li3N (a fast Li conductor) is fast at 1200 K; Li2O and LiFePO4 (no vacancies) stay slow."""
     import pandas as pd
 
-    from liflow_screen import config, stages
+    from liflow_screen import config
+    from liflow_screen.stages import rollout as stages
 
     fx = np.load(SHARED / "parity_fixture.npz")
     structs = pd.DataFrame([{"id": s, "numbers": fx[f"{s}/numbers"], "positions": fx[f"{s}/positions"].reshape(-1),

@@ -10,7 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from liflow_screen import config, dataset, schema
+from liflow_screen import config, dataset, layout, schema
+from liflow_screen.stages import dataset as dataset_stage
 from liflow_screen.cli import main
 from liflow_screen.errors import SchemaError
 
@@ -19,6 +20,12 @@ TEMPS = [600, 1000]
 
 def _cfg():
     return config.validate({"md": {"temperatures": TEMPS, "timestep_fs": 2.0, "save_every": 10, "duration_ps": 2.0}})
+
+
+def md_files(root: Path, chunks=(0, 1)) -> list[Path]:
+    """Every file of the given MD chunks, as the dataset rule passes them."""
+    names = [layout.STRUCTURES, layout.STATUS] + [layout.frames_name(T) for T in TEMPS]
+    return [layout.chunk_dir(root, c) / n for c in chunks for n in names]
 
 
 def _fake_md(root: Path, specs, n_frames=101, seed=0, nan_in=None):
@@ -33,7 +40,7 @@ def _fake_md(root: Path, specs, n_frames=101, seed=0, nan_in=None):
         by_chunk.setdefault(chunk, []).append((sid, formula, split, n_li, n_fr))
         man.append({"id": sid, "split": split, "chunk": chunk, "run_md": True})
     for chunk, items in by_chunk.items():
-        cdir = dataset.md_chunk_dir(root, chunk)
+        cdir = layout.chunk_dir(root, chunk)
         srows, status, frames = [], [], {T: [] for T in TEMPS}
         for sid, formula, split, n_li, n_fr in items:
             n = n_li + n_fr
@@ -60,7 +67,7 @@ def _fake_md(root: Path, specs, n_frames=101, seed=0, nan_in=None):
         schema.write_rows(srows, cdir / "structures.parquet", "structures")
         schema.write_rows(status, cdir / "status.parquet", "status")
         for T in TEMPS:
-            schema.write_rows(frames[T], dataset.frames_file(cdir, T), "frames")
+            schema.write_rows(frames[T], layout.frames_file(cdir, T), "frames")
     mrows = []
     for r in man:
         mrows.append({"id": r["id"], "formula": "x", "reduced_formula": "x", "n_atoms": 1, "li_fraction": 0.5,
@@ -78,7 +85,7 @@ SPECS = [("a1", "LiA", "train", 4, 4, 0), ("a2", "LiA", "train", 4, 4, 0), ("b1"
 def test_build_layout_labels_and_provenance(tmp_path):
     truth = _fake_md(tmp_path / "md", SPECS)
     out = tmp_path / "dataset"
-    counts = dataset.build(_cfg(), tmp_path / "md" / "manifest.parquet", tmp_path / "md", out)
+    counts = dataset_stage.run(_cfg(), tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
     assert counts == {"structures": 4, "trajectories": 8, "frames": 8 * 101}
     parts = sorted(str(p.relative_to(out)) for p in out.glob("frames/*/*/*.parquet"))
     assert parts == sorted(f"frames/temperature={T}/split={s}/part-{c:05d}.parquet"
@@ -106,7 +113,7 @@ def test_build_layout_labels_and_provenance(tmp_path):
     prov = schema.read_provenance(out / "labels.parquet")
     assert prov["config"]["md"]["temperatures"] == TEMPS and "torch" in prov["versions"]
     # partitioned read gives back the exact trajectory
-    ds = schema.open_frames(out / "frames")
+    ds = schema.open_frames(layout.dataset_frame_files(out))
     pos, times = schema.read_trajectory(ds, "b1", 1000)
     np.testing.assert_array_equal(pos, truth[("b1", 1000)])
     assert times[1] - times[0] == pytest.approx(0.02)
@@ -117,19 +124,19 @@ def test_nan_trajectory_is_a_clear_error_and_no_output(tmp_path):
     _fake_md(tmp_path / "md", SPECS, nan_in=("b1", 600))
     out = tmp_path / "dataset"
     with pytest.raises(SchemaError, match="b1 at 600 K.*NaN"):
-        dataset.build(_cfg(), tmp_path / "md" / "manifest.parquet", tmp_path / "md", out)
+        dataset_stage.run(_cfg(), tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
     assert not out.exists()
 
 
 def test_corrupt_and_mismatched_parquet_cli(tmp_path, capsys):
     _fake_md(tmp_path / "md", SPECS)
-    f = dataset.frames_file(dataset.md_chunk_dir(tmp_path / "md", 1), 1000)
+    f = layout.frames_file(layout.chunk_dir(tmp_path / "md", 1), 1000)
     blob = f.read_bytes()
     f.write_bytes(blob[: len(blob) // 2])  # truncated file
     cfgfile = tmp_path / "c.yaml"
     cfgfile.write_text("md:\n  temperatures: [600, 1000]\n")
     rc = main(["dataset", "--config", str(cfgfile), "--manifest", str(tmp_path / "md" / "manifest.parquet"),
-               "--md-root", str(tmp_path / "md"), "--out-dir", str(tmp_path / "ds")])
+               "--md-files", *map(str, md_files(tmp_path / "md")), "--out-dir", str(tmp_path / "ds")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and "frames_T1000.parquet" in err[-1]
     assert "unreadable Parquet" in err[-1] and not (tmp_path / "ds").exists()
@@ -143,7 +150,7 @@ def test_pair_source_balanced_and_exact(tmp_path):
     truth = _fake_md(tmp_path / "md", SPECS)
     out = tmp_path / "dataset"
     cfg = _cfg()
-    dataset.build(cfg, tmp_path / "md" / "manifest.parquet", tmp_path / "md", out)
+    dataset_stage.run(cfg, tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
     trajs = dataset.load_trajectories(out, ["train"])
     k = dataset.delta_frames(cfg)
     assert k == 50

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +11,11 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import write
 
-from liflow_screen import config, md, schema
+from liflow_screen import config, schema
+from liflow_screen.errors import InputError
+from liflow_screen.md import integrate, lockstep
+from liflow_screen.md.relax import build_supercell, relax
+from liflow_screen.stages import md as md_stage
 from liflow_screen import potentials as P
 from liflow_screen.geometry import mic_displacements
 
@@ -55,12 +58,12 @@ def cfg_of(**md_over) -> dict:
 
 
 def test_build_supercell():
-    atoms = md.build_supercell(pd.Series(row("a", li2o(), rep=(2, 1, 3))))
+    atoms = build_supercell(pd.Series(row("a", li2o(), rep=(2, 1, 3))))
     assert len(atoms) == 12 * 6 and atoms.pbc.all()
     np.testing.assert_allclose(atoms.cell.lengths(), [9.24, 4.62, 13.86], atol=1e-6)
     assert (atoms.numbers == 3).sum() == 8 * 6
-    with pytest.raises(md.InputError, match="unreadable CIF"):
-        md.build_supercell(pd.Series(dict(id="bad", cif="data_x\n_cell_length_a 1\n", supercell=[1, 1, 1])))
+    with pytest.raises(InputError, match="unreadable CIF"):
+        build_supercell(pd.Series(dict(id="bad", cif="data_x\n_cell_length_a 1\n", supercell=[1, 1, 1])))
 
 
 def test_relax_lowers_energy_and_reports_failure(tiny):
@@ -68,12 +71,12 @@ def test_relax_lowers_energy_and_reports_failure(tiny):
     a.rattle(0.15, seed=4)
     a.calc = tiny.calculator
     e0 = a.get_potential_energy()
-    out, status = md.relax(a, tiny, fmax=1e-4, steps=10, cell=True)
+    out, status = relax(a, tiny, fmax=1e-4, steps=10, cell=True)
     assert status in ("ok", "not_converged")
     assert out.get_potential_energy() < e0
     bad = a.copy()
     bad.numbers[0] = 92  # uranium: outside the tiny model's 89 elements
-    out_bad, status_bad = md.relax(bad, tiny, 0.05, 5, True)
+    out_bad, status_bad = relax(bad, tiny, 0.05, 5, True)
     assert status_bad.startswith("failed: ") and "\n" not in status_bad
     np.testing.assert_array_equal(out_bad.positions, bad.positions)
 
@@ -82,7 +85,7 @@ def test_chunk_outputs_units_and_temperature(tiny, tmp_path):
     cfg = cfg_of(temperatures=[600, 900], duration_ps=0.6, save_every=10, timestep_fs=2.0, relax_steps=3)
     man = pd.DataFrame([row("md-1", li2o(), rep=(2, 2, 1)), row("nomd", li2o(), run_md=False, split="test"),
                         row("other-chunk", li2o(), chunk=1)])
-    paths = md.run_chunk(cfg, man, 0, tmp_path, potential=tiny, progress=False)
+    paths = md_stage.run(cfg, man, 0, tmp_path, potential=tiny, progress=False)
     assert not (tmp_path / "ckpt").exists()
     st = schema.read_df(paths["structures"], "structures")
     assert sorted(st.id) == ["md-1", "nomd"]  # descriptors for all rows of the chunk, MD or not
@@ -109,8 +112,8 @@ def test_chunk_outputs_units_and_temperature(tiny, tmp_path):
 def test_trajectory_is_unwrapped(tiny):
     a = li2o().repeat((2, 2, 1))
     a.positions -= a.positions[0]  # atoms sit on the x=0, y=0, z=0 faces: half leave the cell
-    settings = md.MDSettings(timestep_fs=2.0, duration_ps=0.2, save_every=5, seed=1)
-    res = md.run_trajectory("unwrap", a, 1200.0, settings, P.EnergyForcesCalculator(tiny))
+    settings = integrate.MDSettings(timestep_fs=2.0, duration_ps=0.2, save_every=5, seed=1)
+    res = integrate.run_trajectory("unwrap", a, 1200.0, settings, P.EnergyForcesCalculator(tiny))
     assert res.status == "ok" and res.n_frames == 21
     frac = res.positions.astype(np.float64) @ np.linalg.inv(a.cell.array)
     assert (frac < 0).any()  # atoms crossed a face and were NOT wrapped back
@@ -124,7 +127,7 @@ def test_trajectory_is_unwrapped(tiny):
 def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
     cfg = cfg_of(temperatures=[700], duration_ps=0.08, save_every=4, checkpoint_every=2)
     man = pd.DataFrame([row("r1", li2o()), row("r2", li2o().repeat((1, 1, 2)))])
-    ref_paths = md.run_chunk(cfg, man, 0, tmp_path / "ref", potential=tiny, progress=False)
+    ref_paths = md_stage.run(cfg, man, 0, tmp_path / "ref", potential=tiny, progress=False)
     ref = schema.read_df(ref_paths["frames_T700"], "frames")
 
     def kill_at_5(sid, temp, frame):
@@ -133,12 +136,12 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
 
     out = tmp_path / "resumed"
     with pytest.raises(Killed):
-        md.run_chunk(cfg, man, 0, out, potential=tiny, progress=False, frame_callback=kill_at_5)
+        md_stage.run(cfg, man, 0, out, potential=tiny, progress=False, frame_callback=kill_at_5)
     assert not (out / "frames_T700.parquet").exists()  # nothing half-written
     assert len(list((out / "ckpt").glob("md_*.pkl"))) == 2  # r1 finished, r2 at its frame-4 checkpoint
 
     seen: dict[str, list[int]] = {"r1": [], "r2": []}
-    paths = md.run_chunk(cfg, man, 0, out, potential=tiny, progress=False,
+    paths = md_stage.run(cfg, man, 0, out, potential=tiny, progress=False,
                          frame_callback=lambda sid, t, f: seen[sid].append(f))
     assert seen["r1"] == [] and seen["r2"] == list(range(5, 11))  # resumed, not restarted
     got = schema.read_df(paths["frames_T700"], "frames")
@@ -160,7 +163,7 @@ def test_failure_isolation(tiny, tmp_path, batch_size):
     cfg = cfg_of(batch_size=batch_size, temperatures=[600], duration_ps=0.04)
     man = pd.DataFrame([row("good", li2o()), row("crushed", crushed), row("uranium", uranium),
                         row("good2", li2o().repeat((2, 1, 1)))])
-    paths = md.run_chunk(cfg, man, 0, tmp_path, potential=tiny, progress=False)
+    paths = md_stage.run(cfg, man, 0, tmp_path, potential=tiny, progress=False)
     status = schema.read_df(paths["status"], "status").set_index("id")
     assert status.loc["good", "status"] == "ok" and status.loc["good2", "status"] == "ok"
     assert status.loc["crushed", "status"] in ("exploded", "nan"), status.loc["crushed", "reason"]
@@ -173,9 +176,9 @@ def test_failure_isolation(tiny, tmp_path, batch_size):
 
 
 def test_batched_equals_one_by_one(tiny):
-    settings = md.MDSettings(timestep_fs=2.0, duration_ps=0.04, save_every=4, seed=5)
-    jobs = [md.MDJob("a", li2o(), 600.0), md.MDJob("b", li2o().repeat((2, 1, 1)), 600.0),
-            md.MDJob("a", li2o(), 1000.0)]
+    settings = integrate.MDSettings(timestep_fs=2.0, duration_ps=0.04, save_every=4, seed=5)
+    jobs = [lockstep.MDJob("a", li2o(), 600.0), lockstep.MDJob("b", li2o().repeat((2, 1, 1)), 600.0),
+            lockstep.MDJob("a", li2o(), 1000.0)]
     calls: list[int] = []
     inner = tiny.energies_forces
 
@@ -185,10 +188,10 @@ def test_batched_equals_one_by_one(tiny):
 
     tiny.energies_forces = counting  # instance attribute: counts model calls, computes the same
     try:
-        serial = md.run_trajectories(jobs, tiny, settings, batch_size=1)
+        serial = lockstep.run_trajectories(jobs, tiny, settings, batch_size=1)
         n_serial = len(calls)
         calls.clear()
-        batched = md.run_trajectories(jobs, tiny, settings, batch_size=3)
+        batched = lockstep.run_trajectories(jobs, tiny, settings, batch_size=3)
     finally:
         del tiny.energies_forces
     n_steps = 5 * 4
@@ -202,7 +205,7 @@ def test_batched_equals_one_by_one(tiny):
 
 def test_chgnet_short_md():
     pot = P.load_potential({"potential": "chgnet"})
-    settings = md.MDSettings(timestep_fs=1.0, duration_ps=0.004, save_every=2, seed=0)
-    res = md.run_trajectory("li2o", li2o(), 800.0, settings, P.EnergyForcesCalculator(pot))
+    settings = integrate.MDSettings(timestep_fs=1.0, duration_ps=0.004, save_every=2, seed=0)
+    res = integrate.run_trajectory("li2o", li2o(), 800.0, settings, P.EnergyForcesCalculator(pot))
     assert res.status == "ok" and res.n_frames == 3
     assert np.all(res.energies / 12 < -3.0) and np.ptp(res.energies) < 1.0

@@ -12,6 +12,7 @@ from liflow_screen.errors import ConfigError
 from liflow_screen.model.graph import GraphBatch, make_batch
 from liflow_screen.model.painn import FlowModel
 from liflow_screen.model.priors import KB, prior_sigma, sample_prior, select_scales
+from liflow_screen.model.testing import assert_equivariant, random_orthogonal
 
 SEEDS = [0, 1, 2]
 
@@ -71,46 +72,45 @@ def test_default_size_and_nontrivial_output(model: FlowModel) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_permutation_equivariance(model: FlowModel, seed: int) -> None:
+def test_proposition1_symmetries(model: FlowModel, seed: int) -> None:
+    """Rotation, reflection, translation, lattice images, permutation (package helper)."""
     g, d = two_graphs(seed)
-    out = run(model, g, d)
-    rng = np.random.default_rng(100 + seed)
-    ptr = g.ptr.tolist()
-    perm = torch.as_tensor(np.concatenate([lo + rng.permutation(hi - lo) for lo, hi in zip(ptr[:-1], ptr[1:])]))
-    gp = GraphBatch(numbers=g.numbers[perm], pos=g.pos[perm], cell=g.cell, batch=g.batch, ptr=g.ptr,
-                    temperature=g.temperature, masses=g.masses[perm])
-    assert_close(run(model, gp, d[perm]), out[perm], out)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_rotation_reflection_equivariance(model: FlowModel, seed: int) -> None:
-    g, d = two_graphs(seed)
-    out = run(model, g, d)
-    q, _ = np.linalg.qr(np.random.default_rng(200 + seed).normal(size=(3, 3)))
-    for det in (1.0, -1.0):
-        r = q * (np.sign(np.linalg.det(q)) * det)  # proper rotation, then an improper one
-        assert np.isclose(np.linalg.det(r), det)
-        rt = torch.as_tensor(r, dtype=torch.float32)
-        gr = GraphBatch(numbers=g.numbers, pos=g.pos @ rt, cell=g.cell @ rt, batch=g.batch, ptr=g.ptr,
-                        temperature=g.temperature, masses=g.masses)
-        assert_close(run(model, gr, d @ rt), out @ rt, out)
-    # rotating X and L but not D is a different input: the output must change
-    gr = GraphBatch(numbers=g.numbers, pos=g.pos @ rt, cell=g.cell @ rt, batch=g.batch, ptr=g.ptr,
+    out = assert_equivariant(lambda gg, dd: run(model, gg, dd), g, d, seed=seed)
+    # the checks can fail: rotating X and L but not D is a different input, so the output changes
+    r = random_orthogonal(seed + 1)
+    gr = GraphBatch(numbers=g.numbers, pos=g.pos @ r, cell=g.cell @ r, batch=g.batch, ptr=g.ptr,
                     temperature=g.temperature, masses=g.masses)
-    assert (run(model, gr, d) - out @ rt).abs().max() > 1e-3
+    assert (run(model, gr, d) - out @ r).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_translation_and_lattice_shift_invariance(model: FlowModel, seed: int) -> None:
-    g, d = two_graphs(seed)
-    out = run(model, g, d)
-    shift = torch.tensor([1.7, -3.2, 0.45])
-    assert_close(run(model, g.with_pos(g.pos + shift), d), out, out)
-    # move individual atoms by integer lattice vectors X + Z L (unwrapped images); D unchanged
-    z = torch.as_tensor(np.random.default_rng(300 + seed).integers(-2, 3, (len(g.pos), 3)), dtype=torch.float32)
-    imaged = g.pos + torch.einsum("nk,nkc->nc", z, g.cell[g.batch])
-    assert (imaged - g.pos).abs().max() > 1.0
-    assert_close(run(model, g.with_pos(imaged), d), out, out)
+@pytest.mark.parametrize("zero_noise", [True, False])
+def test_whole_rollout_step_symmetries(model: FlowModel, zero_noise: bool) -> None:
+    """One Algorithm-1 step (Propagator, Corrector, CoM-drift removal): its displacement
+    X' - X_tau obeys Proposition 1, at zero prior noise and for a transformed prior draw."""
+    from liflow_screen.rollout import liflow_step
+
+    corr = FlowModel(features=32, radial=12, layers=2, seed=8).eval()
+    g, d = two_graphs(5)
+
+    def step(gg: GraphBatch, dd: torch.Tensor | None) -> torch.Tensor:
+        d0 = torch.zeros_like(gg.pos) if dd is None else dd
+        with torch.no_grad():
+            return liflow_step(model, corr, gg, d0, 0.3 * d0, n_flow=4)[1] - gg.pos
+
+    out = assert_equivariant(step, g, None if zero_noise else d, seed=11)
+    assert out.abs().max() > 1e-3  # a non-trivial displacement
+
+
+def test_equivariance_helper_detects_violations(model: FlowModel) -> None:
+    g, d = two_graphs(0)
+    fixed = torch.tensor([1.0, 0.0, 0.0])
+    with pytest.raises(AssertionError, match="rotation"):
+        assert_equivariant(lambda gg, dd: run(model, gg, dd) + fixed, g, d)
+    with pytest.raises(AssertionError, match="translation"):
+        assert_equivariant(lambda gg, dd: 1e-2 * gg.pos, g, None)
+    with pytest.raises(AssertionError, match="permutation"):
+        assert_equivariant(lambda gg, dd: run(model, gg, dd) * (gg.numbers == 3)[:, None] * torch.arange(
+            len(gg.pos))[:, None] / len(gg.pos), g, d)
 
 
 @pytest.mark.parametrize("reps", [(2, 1, 1), (2, 2, 1)])

@@ -19,71 +19,24 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from pymatgen.core import Lattice, Structure
 
 from conftest import REPO
-from liflow_screen import schema
+from liflow_screen import layout, schema
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
-TINY = """\
-run_name: tiny-e2e
-seed: 1
-structures:
-  source: manifest
-  path: inputs.csv
-  min_width: 5.0
-  test_fraction: 0.2
-  val_fraction: 0.25
-md:
-  potential: chgnet
-  temperatures: [600, 900]
-  timestep_fs: 2.0
-  duration_ps: 0.3
-  save_every: 5
-  relax_steps: 5
-  relax_fmax: 0.2
-  chunk_size: 2
-dataset:
-  delta_tau_ps: 0.1
-train:
-  features: 16
-  radial: 8
-  layers: 1
-  max_steps: 20
-  val_every: 10
-  val_batches: 2
-  batch_size: 4
-  classifier_epochs: 50
-rollout:
-  n_steps: 3
-  n_flow: 3
-  chunk_size: 3
-analysis:
-  kinisi_n_dt: 5
-  kinisi_samples: 200
-"""
-
-
-def _rocksalt(a: float, anion: str) -> Structure:
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Li", anion], [[0, 0, 0], [0.5, 0.5, 0.5]])
+TINY_DIR = REPO / ".test" / "tiny"
+TINY = (TINY_DIR / "config.yaml").read_text()
 
 
 def make_project(d: Path) -> Path:
-    """A work folder with CIF inputs, a manifest and the tiny config."""
+    """A work folder with the tiny workflow's inputs (CIFs, manifest) and config (``.test/tiny``)."""
+    import shutil
+
     d.mkdir(parents=True, exist_ok=True)
-    cifs = {
-        "LiCl": _rocksalt(5.13, "Cl"), "LiBr": _rocksalt(5.50, "Br"), "LiI": _rocksalt(6.00, "I"),
-        "Li2S": Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.708), ["S", "Li"], [[0, 0, 0], [0.25, 0.25, 0.25]]),
-        "LiAm": _rocksalt(5.60, "Am"),  # Am (Z=95) is outside CHGNet's element coverage
-    }
-    lines = ["id,path"]
-    for name, s in cifs.items():
-        (d / f"{name}.cif").write_text(s.to(fmt="cif"))
-        lines.append(f"{name},{name}.cif")
-    (d / "inputs.csv").write_text("\n".join(lines) + "\n")
-    (d / "tiny.yaml").write_text(TINY)
+    for f in TINY_DIR.iterdir():
+        shutil.copy(f, d / ("tiny.yaml" if f.name == "config.yaml" else f.name))
     return d
 
 
@@ -100,6 +53,13 @@ def reference_run(tmp_path_factory):
     proc = snakemake(d)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return d, time.perf_counter() - t0
+
+
+def _md_files(res: Path) -> list[Path]:
+    """Every MD chunk file of a run, as the dataset rule passes them (chunks from the manifest)."""
+    chunks = sorted(set(schema.read_df(res / "structures" / "manifest.parquet", "manifest")["chunk"]))
+    names = [layout.STRUCTURES, layout.STATUS] + [layout.frames_name(T) for T in (600, 900)]
+    return [layout.chunk_dir(res / "md", c) / n for c in chunks for n in names]
 
 
 def _tables(d: Path) -> dict[str, object]:
@@ -140,7 +100,7 @@ def test_end_to_end_outputs(reference_run):
     labels = schema.read_df(res / "dataset" / "labels.parquet", "labels")
     assert len(labels) == 8 and np.isfinite(labels["msd_li"]).all()
     # frames: unwrapped float32, 31 frames of 10 fs per trajectory, Δτ pairs exist
-    ds = schema.open_frames(res / "dataset" / "frames")
+    ds = schema.open_frames(layout.dataset_frame_files(res / "dataset"))
     pos, times = schema.read_trajectory(ds, "LiCl", 900)
     assert pos.dtype == np.float32 and pos.shape == (31, 8, 3)
     np.testing.assert_allclose(np.diff(times), 0.01, atol=1e-6)
@@ -204,6 +164,36 @@ def test_kill_and_resume_identical_without_recompute(reference_run, tmp_path):
             assert ref[k].schema.equals(got[k].schema) and _same(ref[k].to_pylist(), got[k].to_pylist()), k
 
 
+def test_rerun_with_other_chunks_and_fewer_temperatures_reads_only_declared_files(reference_run, tmp_path):
+    """A rerun with another rollout.chunk_size and one rollout temperature fewer leaves the old
+    chunks' files on disk; the report reads only the current config's files, so it succeeds and
+    equals a run whose rollout / analysis / report folders started empty."""
+    import shutil
+
+    ref_dir, _ = reference_run
+    new_cfg = TINY.replace("  chunk_size: 3\n", "  chunk_size: 2\n  temperatures: [900]\n")
+    assert new_cfg != TINY
+    runs = {}
+    for name, clean in (("stale", False), ("clean", True)):
+        d = tmp_path / name
+        shutil.copytree(ref_dir, d, symlinks=True)
+        (d / "tiny.yaml").write_text(new_cfg)
+        if clean:
+            for sub in ("rollout", "analysis", "reports"):
+                shutil.rmtree(d / "results" / sub)
+        proc = snakemake(d)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = d / "results"
+    stale = runs["stale"]
+    # the leftovers are there (chunk 0 at 600 K from the old config) and were not read
+    assert (stale / "rollout" / "adaptive" / "chunk_00000" / "frames_T600.parquet").exists()
+    assert not (runs["clean"] / "rollout" / "adaptive" / "chunk_00000" / "frames_T600.parquet").exists()
+    for name in ("ranking.csv", "metrics.csv", "prior_classes.csv"):
+        assert (stale / "reports" / name).read_text() == (runs["clean"] / "reports" / name).read_text(), name
+    rk = pd.read_csv(stale / "reports" / "ranking.csv")
+    assert not any(c.endswith("600K") and c.startswith("D_pred") for c in rk.columns)
+
+
 def test_corrupt_intermediate_is_detected_and_rebuilt(reference_run, tmp_path):
     ref_dir, _ = reference_run
     import shutil
@@ -219,7 +209,8 @@ def test_corrupt_intermediate_is_detected_and_rebuilt(reference_run, tmp_path):
     # the consumer stops with a one-line error naming the file instead of using it
     out = subprocess.run([str(Path(sys.executable).parent / "liflow-screen"), "dataset", "--config",
                           str(d / "results" / "config.resolved.yaml"), "--manifest",
-                          str(d / "results" / "structures" / "manifest.parquet"), "--md-root", str(d / "results" / "md"),
+                          str(d / "results" / "structures" / "manifest.parquet"), "--md-files",
+                          *map(str, _md_files(d / "results")),
                           "--out-dir", str(tmp_path / "ds")], capture_output=True, text=True, cwd=d)
     assert out.returncode == 2 and "frames_T900.parquet" in out.stderr and "unreadable" in out.stderr
     # `liflow-screen verify` reports it (exit 1)
@@ -240,13 +231,14 @@ def test_corrupt_intermediate_is_detected_and_rebuilt(reference_run, tmp_path):
 
 def test_training_loss_falls_on_workflow_data(reference_run, tmp_path):
     """The Propagator's training loss falls on the MD dataset the workflow built (not synthetic data)."""
-    from liflow_screen import config, stages
+    from liflow_screen import config
+    from liflow_screen.stages import train
 
     d, _ = reference_run
     cfg = config.load(d / "results" / "config.resolved.yaml",
                       overrides={"train": {"max_steps": 120, "val_every": 40, "batch_size": 8, "features": 32,
                                            "layers": 2, "radial": 8}})
-    summary = stages.train_model(cfg, d / "results" / "dataset", "propagator", "adaptive", tmp_path / "prop",
+    summary = train.run(cfg, d / "results" / "dataset", "propagator", "adaptive", tmp_path / "prop",
                                  selector=d / "results" / "train" / "selector.pt")
     assert summary["steps"] == 120
     import json

@@ -25,9 +25,12 @@ import pandas as pd
 import pytest
 
 from liflow_screen import analysis as an
-from liflow_screen import config, schema
+from liflow_screen import config, layout, schema
 from liflow_screen.errors import InputError, SchemaError
-from liflow_screen.report import analyze_trajectories, compute_ranking, read_analysis, write_reports
+from liflow_screen.report.ranking import compute_ranking
+from liflow_screen.report.tables import read_analysis
+from liflow_screen.stages.analyze import run as analyze_trajectories
+from liflow_screen.stages.report import run as write_reports
 
 A = 3.0           # Å, Li-Li site spacing (simple cubic)
 NSIDE = 3         # 27 Li sites in a 9 Å cube, 27 frame atoms on the body centres
@@ -123,13 +126,15 @@ def dataset(tmp_path_factory):
                        "reason": "max displacement" if spec["status"] != "ok" else "", "n_frames": spec["n"],
                        "duration_ps": (spec["n"] - 1) * spec["dt"], "wall_s": 0.1})
     for (T, split, src), rows in by_file.items():
-        part = schema.frame_partition_path(root / "frames", T, split)
+        part = layout.frame_partition_path(root / "frames", T, split)
         schema.write_rows(rows, part / f"{src.replace(':', '_')}.parquet", "frames")
     schema.write_rows(status, root / "status.parquet", "status")
     cfg = config.validate({"analysis": {"kinisi_samples": 500, "kinisi_n_dt": 15, "top_n": 3}})
-    table = analyze_trajectories(root / "frames", root / "structures.parquet", root / "analysis.parquet", cfg,
+    files = [layout.frame_partition_path(root / "frames", T, split) / f"{src.replace(':', '_')}.parquet"
+             for (T, split, src) in by_file]
+    table = analyze_trajectories(files, root / "structures.parquet", root / "analysis.parquet", cfg,
                                  status=[root / "status.parquet"])
-    return {"root": root, "positions": positions, "cfg": cfg, "table": read_analysis(table)}
+    return {"root": root, "files": files, "positions": positions, "cfg": cfg, "table": read_analysis(table)}
 
 
 def _row(df: pd.DataFrame, sid: str, T: int, src: str = "liflow:adaptive") -> pd.Series:
@@ -259,13 +264,13 @@ def test_metrics_common_tau_and_warnings(dataset, tmp_path):
 
 
 def compute_metrics_at(dataset, tau: float) -> pd.DataFrame:
-    from liflow_screen.report import compute_metrics
+    from liflow_screen.report.metrics import compute_metrics
 
     return compute_metrics(dataset["table"], None, ("test",), tau_ps=tau, delta_tau_ps=1.0)
 
 
 def test_physical_stability_counts_melted_frames(dataset):
-    from liflow_screen.report import compute_metrics
+    from liflow_screen.report.metrics import compute_metrics
 
     df = dataset["table"].copy()
     df.loc[df["id"] == "drift", "split"] = "test"
@@ -288,8 +293,35 @@ def test_ranking_variant_choice_and_errors(dataset):
 def test_analyze_rejects_unknown_structure(dataset, tmp_path):
     st = schema.read_df(dataset["root"] / "structures.parquet", "structures")
     with pytest.raises(InputError, match="missing from the structures table"):
-        analyze_trajectories(dataset["root"] / "frames", st[st["id"] != "s1"], tmp_path / "a.parquet",
+        analyze_trajectories(dataset["files"], st[st["id"] != "s1"], tmp_path / "a.parquet",
                              dataset["cfg"], ids=["s1"])
     assert not (tmp_path / "a.parquet").exists()
     with pytest.raises(SchemaError):
-        analyze_trajectories(tmp_path / "nothing", st, tmp_path / "a.parquet", dataset["cfg"])
+        analyze_trajectories([tmp_path / "nothing.parquet"], st, tmp_path / "a.parquet", dataset["cfg"])
+    with pytest.raises(SchemaError):
+        analyze_trajectories([], st, tmp_path / "a.parquet", dataset["cfg"])
+
+
+def test_report_stage_runs_without_torch(dataset, tmp_path):
+    """The report rule's env (envs/analysis.yaml) has no torch: the CLI stage must not import it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = dataset["root"]
+    cfgfile = tmp_path / "cfg.yaml"
+    cfgfile.write_text(yaml.safe_dump(dataset["cfg"]))
+    code = ("import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+            "from liflow_screen.cli import main\n"
+            "rc = main(sys.argv[1:]); assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "sys.exit(rc)")
+    args = ["report", "--config", str(cfgfile), "--structures", str(root / "structures.parquet"),
+            "--analysis", str(root / "analysis.parquet"), "--status", str(root / "status.parquet"),
+            "--out-dir", str(tmp_path / "reports")]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rk = pd.read_csv(tmp_path / "reports" / "ranking.csv")
+    ref = pd.read_csv(write_reports([root / "analysis.parquet"], root / "structures.parquet",
+                                    [root / "status.parquet"], None, tmp_path / "ref", dataset["cfg"])["ranking"])
+    pd.testing.assert_frame_equal(rk, ref)

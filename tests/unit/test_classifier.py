@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from liflow_screen.errors import InputError
 from liflow_screen.model.classifier import SINGLE_CLASS, PriorSelector

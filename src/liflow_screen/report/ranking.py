@@ -1,0 +1,191 @@
+"""ranking.csv rows: per-temperature resolved D* or bounds with their method and flags, Arrhenius
+fits of usable temperatures, σ(300 K) by Nernst–Einstein, ranks only for what was resolved
+(no file I/O).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import analysis as an
+from ..constants import LI_Z
+from ..errors import InputError
+from .metrics import liflow_variants
+from .tables import LIFLOW_PREFIX, MD_SOURCE, load_structures
+
+
+def _uncertain_map(flags: pd.DataFrame | Mapping[str, bool] | None) -> dict[str, bool] | None:
+    if flags is None:
+        return None
+    if isinstance(flags, pd.DataFrame):
+        if "id" not in flags.columns or "uncertain" not in flags.columns:
+            raise InputError("prior-class flags need columns 'id' and 'uncertain'")
+        return {str(k): bool(v) for k, v in flags.groupby("id")["uncertain"].any().items()}
+    return {str(k): bool(v) for k, v in flags.items()}
+
+
+def ranking_source(df: pd.DataFrame, variant: str | None) -> str:
+    """The trajectory source that ranks: liflow:<variant> if given; else liflow:adaptive, else the
+    first LiFlow variant; "md" only when there are no rollouts at all."""
+    variants = liflow_variants(df)
+    if variant is not None:
+        src = variant if variant.startswith(LIFLOW_PREFIX) or variant == MD_SOURCE else LIFLOW_PREFIX + variant
+        if src not in set(df["source"]):
+            raise InputError(f"no trajectories of source {src!r} in the analysis table")
+        return src
+    if variants:
+        return LIFLOW_PREFIX + "adaptive" if LIFLOW_PREFIX + "adaptive" in variants else variants[0]
+    return MD_SOURCE
+
+
+def _tcol(T: int) -> str:
+    return f"{int(T)}K"
+
+
+def md_melting_temperatures(analysis_table: pd.DataFrame) -> dict[str, int]:
+    """Per structure, the lowest temperature (K) at which its reference MD's framework melted or came
+    apart (``frame_melted``); structures whose MD never did are absent."""
+    md = analysis_table[(analysis_table["source"] == MD_SOURCE) & analysis_table["frame_melted"].astype(bool)]
+    return {str(k): int(v) for k, v in md.groupby("id")["temperature"].min().items()}
+
+
+def trajectory_flags(r: Mapping[str, Any], md_melt_T: int | None) -> list[str]:
+    """Why a trajectory cannot enter an Arrhenius fit (empty list: it can)."""
+    flags = []
+    if str(r["status"]) != "ok":
+        flags.append(str(r["status"]))
+    if bool(r["frame_melted"]):
+        flags.append("frame_melted")
+    if bool(r["li_molten"]):
+        flags.append("li_molten")
+    if md_melt_T is not None and int(r["temperature"]) >= md_melt_T:
+        flags.append(f"md_melts_from_{md_melt_T}K")
+    if r["D_method"] != "kinisi":
+        flags.append("unresolved" if str(r["D_method"]).startswith("bound") else str(r["D_method"]))
+    return flags
+
+
+def compute_ranking(
+    analysis_table: pd.DataFrame,
+    structures_table: pd.DataFrame,
+    status_table: pd.DataFrame | None = None,
+    prior_flags: pd.DataFrame | Mapping[str, bool] | None = None,
+    target_T: float = 300.0,
+    variant: str | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """One row per structure: ranked candidates first (by σ(target_T), S/cm, descending), then every
+    other structure, unranked, with the reason.
+
+    Predictions come from the LiFlow ``variant`` (see :func:`ranking_source`). Per temperature:
+    D_pred_<T>K[_low|_high] (kinisi median and 95 % interval, only where Li diffusion was resolved),
+    D_pred_<T>K_bound (upper bound where it was not), D_method_<T>K (analysis.D_METHODS), flags_<T>K
+    (why the point is not in the fit: unresolved, diverged, frame_melted, li_molten, md_melts_from_<T>K).
+    A structure is ranked only when >= 2 temperatures have resolved, stable, non-melted trajectories
+    (below the temperature at which its reference MD melts, if any) and their Arrhenius fit has
+    E_A > 0: then E_A_eV[_low|_high], D_<target>K[_low|_high] and sigma_<target>K_S_cm[_low|_high]
+    (Nernst–Einstein with the relaxed cell's Li density) are given, else they stay empty.
+    Reference MD where present: D_ref_<T>K (resolved kinisi D* or empty) and D_ref_method_<T>K.
+    Returns the table and the Arrhenius fit of each ranked structure (for the plots).
+    """
+    structs = load_structures(structures_table)
+    df = analysis_table
+    src = ranking_source(df, variant)
+    pred = df[df["source"] == src]
+    ref = df[df["source"] == MD_SOURCE]
+    temps = sorted({int(t) for t in pred["temperature"]})
+    ref_temps = sorted({int(t) for t in ref["temperature"]})
+    melt = md_melting_temperatures(df)
+    uncertain = _uncertain_map(prior_flags)
+    status = status_table if status_table is not None and len(status_table) else None
+    tgt = _tcol(round(target_T))
+    rows, fits = [], {}
+    for sid in sorted(structs.index):
+        s = structs.loc[sid]
+        nums = np.asarray(s["numbers"], dtype=int)
+        volume = float(abs(np.linalg.det(np.asarray(s["cell"], dtype=np.float64).reshape(3, 3))))
+        n_li = int(np.sum(nums == LI_Z))
+        row: dict[str, Any] = {"id": sid, "formula": s.get("reduced_formula", ""), "split": s.get("split", ""),
+                               "source": src, "n_li": n_li, "volume_A3": volume, "status": "", "reason": ""}
+        g = pred[pred["id"] == sid].set_index("temperature")
+        use_T, bad = [], {}
+        for T in temps:
+            c = _tcol(T)
+            r = g.loc[T] if T in g.index else None
+            if r is None:
+                row.update({f"D_pred_{c}": math.nan, f"D_pred_{c}_low": math.nan, f"D_pred_{c}_high": math.nan,
+                            f"D_pred_{c}_bound": math.nan, f"D_method_{c}": "", f"flags_{c}": "no trajectory"})
+                bad[T] = ["no trajectory"]
+                continue
+            flags = trajectory_flags({**r, "temperature": T}, melt.get(sid))
+            row.update({f"D_pred_{c}": float(r["D_li"]), f"D_pred_{c}_low": float(r["D_li_low"]),
+                        f"D_pred_{c}_high": float(r["D_li_high"]), f"D_pred_{c}_bound": float(r["D_li_bound"]),
+                        f"D_method_{c}": str(r["D_method"]), f"flags_{c}": ";".join(flags)})
+            if flags:
+                bad[T] = flags
+            else:
+                use_T.append(T)
+        rs = ref[ref["id"] == sid].set_index("temperature")
+        for T in ref_temps:
+            r = rs.loc[T] if T in rs.index else None
+            row[f"D_ref_{_tcol(T)}"] = float(r["D_li"]) if r is not None else math.nan
+            row[f"D_ref_{_tcol(T)}_bound"] = float(r["D_li_bound"]) if r is not None else math.nan
+            row[f"D_ref_method_{_tcol(T)}"] = str(r["D_method"]) if r is not None else ""
+        row["md_melts_from_K"] = melt.get(sid, math.nan)
+        gu = g.loc[use_T] if use_T else None
+        fit = (an.arrhenius_fit(np.asarray(use_T, float), gu["D_li"].to_numpy(float), gu["D_li_low"].to_numpy(float),
+                                gu["D_li_high"].to_numpy(float), target_T=target_T) if len(use_T) >= 2 else None)
+        row.update({"arrhenius_T": ";".join(str(T) for T in use_T), "arrhenius_n_T": len(use_T)})
+        for key in ("E_A_eV", "E_A_eV_low", "E_A_eV_high", f"D_{tgt}", f"D_{tgt}_low", f"D_{tgt}_high",
+                    f"sigma_{tgt}_S_cm", f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high"):
+            row[key] = math.nan
+        ranked = bool(fit is not None and np.isfinite(fit["E_A"]) and fit["E_A"] > 0 and np.isfinite(fit["D_target"]))
+        if fit is not None:
+            row.update({"E_A_eV": fit["E_A"], "E_A_eV_low": fit["E_A_low"], "E_A_eV_high": fit["E_A_high"]})
+        if ranked:
+            fits[sid] = fit
+            for key, dval in (("", fit["D_target"]), ("_low", fit["D_target_low"]), ("_high", fit["D_target_high"])):
+                row[f"D_{tgt}{key}"] = dval
+                row[f"sigma_{tgt}_S_cm{key}"] = (an.nernst_einstein_conductivity(dval, n_li, volume, target_T)
+                                                 if np.isfinite(dval) else math.nan)
+            row["status"] = "ranked"
+        else:
+            row["status"], row["reason"] = _unranked_reason(sid, g, temps, bad, fit, status, src)
+        row["prior_class_uncertain"] = pd.NA if uncertain is None else bool(uncertain.get(sid, False))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return pd.DataFrame(columns=["rank", "id", "formula", "split", "source", "status", "reason"]), fits
+    out["prior_class_uncertain"] = out["prior_class_uncertain"].astype("boolean")
+    sig = f"sigma_{tgt}_S_cm"
+    order = {"ranked": 0, "unresolved": 1, "non-Arrhenius": 1, "unstable": 2, "no rollout": 3}
+    out["_grp"] = out["status"].map(lambda x: order.get(x, 3))
+    out["_sig"] = -out[sig].fillna(-np.inf)
+    out = out.sort_values(["_grp", "_sig", "id"], kind="mergesort").drop(columns=["_grp", "_sig"])
+    ranked_mask = out["status"] == "ranked"
+    out.insert(0, "rank", pd.array([i + 1 if ok else pd.NA for i, ok in enumerate(ranked_mask)], dtype="Int64"))
+    return out.reset_index(drop=True), fits
+
+
+def _unranked_reason(sid: str, g: pd.DataFrame, temps: list[int], bad: dict[int, list[str]],
+                     fit: dict[str, Any] | None, status: pd.DataFrame | None, src: str) -> tuple[str, str]:
+    """(status, reason) of a structure that cannot be ranked."""
+    if g.empty:
+        reason = "no generated trajectory"
+        if status is not None:
+            st = status[(status["id"] == sid) & (status["source"] == src) & (status["status"] != "ok")]
+            if len(st):
+                reason = f"{st['status'].iloc[0]}: {st['reason'].iloc[0]}"
+        return "no rollout", reason
+    if fit is not None:  # >= 2 usable temperatures, but E_A <= 0
+        return "non-Arrhenius", f"E_A = {fit['E_A']:.3f} eV <= 0 from {fit['n_points']} temperatures: not extrapolated"
+    usable = [T for T in temps if T not in bad]
+    parts = [f"{T} K: {','.join(bad[T])}" for T in temps if T in bad]
+    unstable = [any(x not in ("unresolved", "no trajectory") for x in f) for f in bad.values()]
+    grp = "unstable" if all(unstable) else "unresolved"
+    return grp, (f"usable (resolved, stable, non-melted) at {len(usable)} of {len(temps)} temperatures, "
+                 f"2 needed for an Arrhenius fit; " + "; ".join(parts))

@@ -1,0 +1,169 @@
+"""Stage ``md``: relax, describe and simulate one chunk of the manifest; write its files.
+
+One chunk writes, each atomically with provenance (names from :mod:`layout`):
+
+- ``structures.parquet`` (schema STRUCTURES): relaxed supercell + descriptors for EVERY row;
+- ``frames_T{T}.parquet`` (schema FRAMES), one per configured temperature, frames of the
+  trajectories that ended ``ok`` (the split of each id is in ``structures.parquet``);
+- ``status.parquet`` (schema STATUS): one row per (structure with ``run_md``, temperature).
+
+Checkpoints live under ``out_dir/ckpt`` and are removed when the chunk completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from ase import Atoms
+
+from .. import layout, schema
+from ..constants import LI_Z
+from ..errors import InputError
+from ..io import provenance
+from ..md.integrate import (
+    FrameCallback,
+    MDSettings,
+    load_pickle,
+    safe_name,
+    save_pickle,
+)
+from ..md.lockstep import MDJob, run_trajectories
+from ..md.relax import build_supercell, relax
+from ..potentials import Potential, load_potential
+
+
+def _row_get(row: pd.Series, key: str, default: Any = None) -> Any:
+    val = row.get(key, default)
+    return default if val is None or (isinstance(val, float) and math.isnan(val)) else val
+
+
+def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, out_dir: Path,
+              potential: Potential | None = None, progress: bool = True,
+              frame_callback: FrameCallback | None = None) -> dict[str, Path]:
+    """Relax, describe and simulate every manifest row with ``chunk == chunk``; write the chunk's files.
+
+    ``cfg`` is the validated config; ``manifest`` the manifest table or its Parquet file.
+    Descriptors are computed for ALL rows; MD (every ``md.temperatures``) only for rows with
+    ``run_md``. Returns the written paths by name.
+    """
+    from tqdm.auto import tqdm
+
+    md = cfg["md"]
+    settings = MDSettings.from_config(cfg)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "ckpt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(manifest, pd.DataFrame):
+        manifest = schema.read_df(manifest, "manifest")
+    if "chunk" not in manifest.columns:
+        raise InputError("manifest has no 'chunk' column")
+    if chunk not in set(manifest["chunk"]):
+        raise InputError(f"chunk {chunk} is not in the manifest (chunks 0..{int(manifest['chunk'].max())})")
+    rows = manifest[manifest["chunk"] == chunk]
+    temps = [float(t) for t in md["temperatures"]]
+    if len({int(round(t)) for t in temps}) != len(temps):
+        raise InputError(f"md.temperatures {temps} contain duplicates after rounding to whole K")
+    if potential is None:
+        potential = load_potential(md)
+
+    struct_rows: list[dict[str, Any]] = []
+    status_rows: list[dict[str, Any]] = []
+    split_of: dict[str, str] = {}
+    jobs: list[MDJob] = []
+
+    def status_row(sid: str, split: str, temp: float, status: str, reason: str, n_frames: int = 0,
+                   wall_s: float = 0.0) -> dict[str, Any]:
+        return schema.status_row(sid, temp, split, "md", status, reason, n_frames,
+                                 max(n_frames - 1, 0) * settings.frame_dt_ps, wall_s)
+
+    for _, row in tqdm(list(rows.iterrows()), desc=f"relax chunk {chunk}", disable=not progress):
+        sid = str(row["id"])
+        split = str(_row_get(row, "split", "train"))
+        split_of[sid] = split
+        run_md = bool(_row_get(row, "run_md", False))
+        try:
+            atoms0 = build_supercell(row)
+        except InputError as exc:
+            for t in temps if run_md else []:
+                status_rows.append(status_row(sid, split, t, "error", str(exc)))
+            continue
+        rpath = ckpt_dir / f"relax_{safe_name(sid)}.pkl"
+        rfp = hashlib.sha256(json.dumps([str(row["cif"]), [int(r) for r in _row_get(row, "supercell", (1, 1, 1))],
+                                         md["relax_fmax"], md["relax_steps"], md["relax_cell"], potential.name,
+                                         potential.dtype]).encode()).hexdigest()[:24]
+        rec = load_pickle(rpath)
+        if rec is None or rec.get("fingerprint") != rfp:
+            relaxed, rstatus = relax(atoms0, potential, float(md["relax_fmax"]), int(md["relax_steps"]),
+                                     bool(md["relax_cell"]))
+            energy = float(relaxed.get_potential_energy()) if relaxed.calc is not None else float("nan")
+            try:
+                desc_li, desc_frame = potential.descriptors(relaxed)
+                desc_li, desc_frame = desc_li.tolist(), desc_frame.tolist()
+            except Exception:  # descriptors unavailable (e.g. element outside the model): empty lists
+                desc_li, desc_frame = [], []
+            rec = {"fingerprint": rfp, "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
+                   "positions": relaxed.get_positions(), "status": rstatus, "energy": energy,
+                   "desc_li": desc_li, "desc_frame": desc_frame}
+            save_pickle(rpath, rec)
+        relaxed = Atoms(numbers=rec["numbers"], positions=rec["positions"], cell=rec["cell"], pbc=True)
+        numbers = relaxed.get_atomic_numbers()
+        struct_rows.append({
+            "id": sid, "reduced_formula": str(_row_get(row, "reduced_formula", relaxed.get_chemical_formula("hill", empirical=True))),
+            "split": split, "numbers": numbers.astype(np.int16).tolist(),
+            "cell": relaxed.cell.array.reshape(-1).tolist(), "positions": relaxed.get_positions().reshape(-1).tolist(),
+            "n_atoms": len(relaxed), "n_li": int((numbers == LI_Z).sum()),
+            "desc_li": rec["desc_li"], "desc_frame": rec["desc_frame"], "energy": rec["energy"],
+            "relax_status": rec["status"],
+        })
+        if not run_md:
+            continue
+        if rec["status"].startswith("failed"):
+            for t in temps:
+                status_rows.append(status_row(sid, split, t, "relax_failed", rec["status"]))
+            continue
+        jobs.extend(MDJob(sid, relaxed, t) for t in temps)
+
+    bar = tqdm(total=len(jobs) * (settings.n_frames - 1), desc=f"md chunk {chunk}", disable=not progress)
+    lock = threading.Lock()
+
+    def on_frame(sid: str, temp: float, frame: int) -> None:
+        if frame > 0:
+            with lock:
+                bar.update(1)
+        if frame_callback is not None:
+            frame_callback(sid, temp, frame)
+
+    results = run_trajectories(jobs, potential, settings, int(md.get("batch_size", 1)), ckpt_dir, on_frame)
+    bar.close()
+
+    frames_by_t: dict[int, list[dict[str, Any]]] = {int(round(t)): [] for t in temps}
+    for res in results:
+        tk = int(round(res.temperature))
+        status_rows.append(status_row(res.sid, split_of[res.sid], res.temperature, res.status, res.reason,
+                                      res.n_frames, res.wall_s))
+        if res.status != "ok":
+            continue
+        for f in range(res.n_frames):
+            frames_by_t[tk].append({
+                "id": res.sid, "source": "md", "frame": f, "time_ps": np.float32(f * settings.frame_dt_ps),
+                "positions": res.positions[f].reshape(-1), "energy": float(res.energies[f]),
+                "temperature_inst": np.float32(res.temperatures[f]),
+            })
+
+    prov = provenance(cfg, stage="md", chunk=int(chunk), potential=potential.name)
+    paths = {"structures": out_dir / layout.STRUCTURES, "status": out_dir / layout.STATUS}
+    schema.write_rows(struct_rows, paths["structures"], "structures", prov=prov)
+    for tk, frows in frames_by_t.items():
+        paths[f"frames_T{tk}"] = layout.frames_file(out_dir, tk)
+        schema.write_rows(frows, paths[f"frames_T{tk}"], "frames", prov=prov)
+    schema.write_rows(status_rows, paths["status"], "status", prov=prov)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return paths

@@ -1,0 +1,83 @@
+"""Stage ``report``: metrics.csv, ranking.csv, prior_classes.csv and plots from the analysis,
+status and priors tables given. Needs no torch (its conda env has none).
+
+Every output is written atomically and carries provenance (a ``*.provenance.json`` next to
+each CSV, PNG text metadata).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import schema
+from ..io import atomic_path, provenance, write_json_atomic
+from ..report.metrics import compute_metrics, prior_agreement
+from ..report.plots import arrhenius_plots, parity_plots
+from ..report.ranking import compute_ranking, ranking_source
+from ..report.tables import (
+    full_config,
+    load_priors,
+    load_status,
+    load_structures,
+    read_analysis,
+)
+
+
+def _write_csv(df: pd.DataFrame, path: Path, prov: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    write_json_atomic(path.with_name(path.stem + ".provenance.json"), prov)
+
+
+def run(
+    analysis_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    structures_table: pd.DataFrame | str | os.PathLike[str],
+    status_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    priors_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    out_dir: str | os.PathLike[str],
+    cfg: Mapping[str, Any] | None = None,
+    variant: str | None = None,
+    metric_splits: Sequence[str] = ("test",),
+    labels_table: pd.DataFrame | str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Write metrics.csv, ranking.csv, prior_classes.csv (+ provenance JSON), parity/*.png and
+    arrhenius/*.png.
+
+    Inputs are DataFrames or paths (analysis Parquet files, the STRUCTURES Parquet, STATUS and
+    PRIORS Parquet files, the dataset's LABELS). ``cfg`` is the run config (``analysis.top_n`` and
+    ``analysis.target_temperature`` are used). Everything is computed before the first file is
+    written; each file is atomic. Returns the written paths.
+    """
+    full = full_config(cfg)
+    acfg = full["analysis"]
+    df = read_analysis(analysis_table)
+    structs = load_structures(structures_table)
+    status = load_status(status_table)
+    priors = load_priors(priors_table)
+    labels = (labels_table if isinstance(labels_table, pd.DataFrame) or labels_table is None
+              else schema.read_df(labels_table, "labels"))
+    target_T = float(acfg["target_temperature"])
+    metrics = compute_metrics(df, status, metric_splits, tau_ps=acfg["metric_tau_ps"],
+                              delta_tau_ps=float(full["dataset"]["delta_tau_ps"]))
+    src = ranking_source(df, variant)
+    ranking, fits = compute_ranking(df, structs, status, priors[priors["source"] == src] if len(priors) else None,
+                                    target_T, variant)
+    agreement = prior_agreement(priors, labels if labels is not None else pd.DataFrame())
+    out = Path(out_dir)
+    prov = provenance(full, stage="report", n_trajectories=int(len(df)), n_structures=int(len(ranking)),
+                      metric_splits=list(metric_splits), target_temperature_K=target_T,
+                      prediction_source=str(ranking["source"].iloc[0]) if len(ranking) else None)
+    _write_csv(metrics, out / "metrics.csv", prov)
+    _write_csv(ranking, out / "ranking.csv", prov)
+    _write_csv(agreement, out / "prior_classes.csv", prov)
+    for sub in ("parity", "arrhenius"):  # declared outputs, even when there is nothing to plot
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    parity = parity_plots(df, metrics, out, prov, metric_splits)
+    arr = arrhenius_plots(ranking, fits, df, out, prov, int(acfg["top_n"]), target_T) if len(ranking) else []
+    return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "prior_classes": out / "prior_classes.csv",
+            "parity": parity, "arrhenius": arr}
