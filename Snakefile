@@ -25,8 +25,9 @@ from snakemake.settings.types import DeploymentMethod
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f'export PATH="{os.path.dirname(sys.executable)}:$PATH"; ')
 else:
+    # braces doubled twice: once for this f-string, once for shell.prefix's own formatting
     shell.prefix(
-        f'export PYTHONPATH="{workflow.basedir}/src${{PYTHONPATH:+:$PYTHONPATH}}"; '
+        f'export PYTHONPATH="{workflow.basedir}/src${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; '
     )
 
 # Cross-key checks and defaults from the same schema, via the package (one config schema).

@@ -56,6 +56,11 @@ def test_published_and_fine_tuned_screening(run) -> None:
     m = pd.read_csv(res / "reports" / "metrics.csv")
     assert sorted(zip(m["temperature"], m["model"])) == [(800, "adaptive"), (800, "published"),
                                                         (1200, "adaptive"), (1200, "published")]
+    by_t = m.set_index(["temperature", "model"])
+    assert (by_t.loc[1200, "n"] == 1).all() and by_t.loc[1200, "log_msd_li_mae"].notna().all()
+    # rollouts at 800 K have no MD to compare with: n = 0, said so, no numbers
+    assert (by_t.loc[800, "n"] == 0).all() and by_t.loc[800, "log_msd_li_mae"].isna().all()
+    assert by_t.loc[800, "note"].str.contains("no reference MD").all()
     # the prior class of every rollout came from its pilot; compared with the MD labels
     pri = pd.concat([schema.read_df(f, "priors") for f in (res / "rollout" / "published").glob("*/priors.parquet")])
     assert set(pri["method"]) == {"pilot"} and pri["pilot_rate_li"].notna().all() and pri["frame_slow"].all()

@@ -174,7 +174,7 @@ def test_maxwell_boltzmann_sigma_by_hand() -> None:
     s800 = math.sqrt(8.617333262e-5 * 800 / 32.06)
     o1200 = math.sqrt(8.617333262e-5 * 1200 / 15.999)
     li1200 = math.sqrt(8.617333262e-5 * 1200 / 6.94)
-    assert abs(li800 - 0.09967) < 1e-4 and KB == 8.617333262e-5
+    assert abs(li800 - 0.09967) < 1e-4 and KB == pytest.approx(8.617333262e-5, rel=1e-9)  # CODATA 2018
     uni = prior_sigma(g, "uniform", scale=2.0)
     np.testing.assert_allclose(uni.numpy(), 2 * np.array([li800, s800, li800, o1200, li1200]), rtol=1e-6)
     iso = prior_sigma(g, "isotropic", scale=0.0316)
