@@ -26,7 +26,7 @@ from liflow_screen.model.graph import make_batch
 from liflow_screen.model.painn import FlowModel
 from liflow_screen.model.train import prior_sigma_for
 from liflow_screen.rollout import rollout
-from liflow_screen.stages.rollout import pair_generator
+from liflow_screen import seeds
 
 shared = sys.argv[1]
 if shared:
@@ -50,7 +50,7 @@ g = make_batch(nums, [t.cart_coords for t in (s, s2)], [t.lattice.matrix for t i
 fast = torch.tensor([False, False])
 sp = prior_sigma_for(g, prior_p, fast, ~fast)
 sc = prior_sigma_for(g, prior_c, fast, ~fast)
-gens = [pair_generator(7, "LiFePO4", 900.0), pair_generator(7, "LiFePO4x2", 1200.0)]
+gens = [seeds.torch_generator(7, "LiFePO4", 900.0, seeds.ROLLOUT), seeds.torch_generator(7, "LiFePO4x2", 1200.0, seeds.ROLLOUT)]
 with torch.no_grad():
     res = rollout(prop, corr, g, sp, sc, n_steps=6, n_flow=5, generator=gens, retries=0)
 print(hashlib.sha256(res.positions.numpy().tobytes()).hexdigest(), float(res.positions.abs().max()))

@@ -25,6 +25,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
+from .. import seeds
 from ..errors import LiflowError
 from ..io import atomic_path, config_digest
 
@@ -69,9 +70,8 @@ class MDSettings:
 
 
 def velocity_rng(seed: int, sid: str, temperature: float) -> np.random.Generator:
-    """RNG of the initial velocities, from (config seed, structure id, temperature K): stable across runs."""
-    sid_key = int.from_bytes(hashlib.sha256(str(sid).encode()).digest()[:8], "little")
-    return np.random.default_rng([int(seed), sid_key, int(round(temperature * 1000))])
+    """RNG of the initial velocities: the root stream of (config seed, structure id, temperature K)."""
+    return seeds.numpy_rng(seed, sid, temperature, *seeds.MD_VELOCITIES)
 
 
 @dataclass

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .. import layout, schema
+from .. import layout, schema, seeds
 from ..constants import LI_Z
 from ..errors import InputError, SchemaError
 from ..io import provenance
@@ -36,15 +35,6 @@ def rollout_chunk_rows(manifest: pd.DataFrame, chunk: int, chunk_size: int) -> p
 PILOT_UNCERTAIN_FACTOR = 2.0
 
 
-def pair_generator(seed: int, sid: str, temperature: float, stream: int = 0):
-    """CPU torch.Generator of one (structure, T) rollout: stream 0 = production, 1 = pilot.
-
-    Seeded from (config seed, structure id, T) only, so results do not depend on batching or chunking.
-    """
-    import torch
-
-    state = np.random.SeedSequence([int(seed), hash_id(sid), int(round(temperature)), int(stream)]).generate_state(2)
-    return torch.Generator(device="cpu").manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: Any):
@@ -59,7 +49,11 @@ def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: A
 def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.DataFrame,
                      jobs: list[tuple[str, float, str]], classes: dict[tuple[str, int], tuple[bool, bool]],
                      n_steps: int, stream: int, device: Any):
-    """Yield (batch, RolloutResult, wall s) for ``jobs`` in groups of rollout.batch_structures."""
+    """Yield (batch, RolloutResult, wall s) for ``jobs`` in groups of rollout.batch_structures.
+
+    ``stream``: ``seeds.ROLLOUT`` or ``seeds.PILOT``, the child of each (seed, structure, T)
+    sequence the prior draws come from (independent of batching and chunking).
+    """
     import torch
 
     from ..model.train import prior_sigma_for
@@ -77,7 +71,7 @@ def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.Data
         sig_p = (torch.zeros(g.pos.shape[0], device=device) if regressor
                  else prior_sigma_for(g, prop.liflow_meta["prior"], li_slow, fr_slow))
         sig_c = prior_sigma_for(g, corr.liflow_meta["prior"], li_slow, fr_slow) if corr is not None else None
-        gens = [pair_generator(int(cfg["seed"]), sid, T, stream) for sid, T, _ in batch]
+        gens = [seeds.torch_generator(int(cfg["seed"]), sid, T, stream) for sid, T, _ in batch]
         t0 = time.perf_counter()
         res = rollout(prop, corr, g, sig_p, sig_c, n_steps, int(rc["n_flow"]), gens,
                       max_step_displacement=float(rc["max_step_displacement"]), retries=int(rc["retries"]),
@@ -127,7 +121,7 @@ def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any,
     n_pilot = int(cfg["rollout"]["pilot_steps"])
     large = {k: (False, True) for k in key}
     dt_ps = float(prop.liflow_meta.get("delta_tau_ps") or cfg["dataset"]["delta_tau_ps"])
-    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, large, n_pilot, 1, device):
+    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, large, n_pilot, seeds.PILOT, device):
         for k, (sid, T, _) in enumerate(batch):
             traj = res.trajectory(k).astype(np.float64)
             li = np.asarray(structs.loc[sid]["numbers"]) == LI_Z
@@ -195,7 +189,7 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | P
     classes = {(p.id, int(p.temperature)): (bool(p.li_slow), bool(p.frame_slow)) for p in priors.itertuples()}
     frames: dict[int, list[dict[str, Any]]] = {int(round(T)): [] for T in temps}
     done = 0
-    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, classes, int(rc["n_steps"]), 0, device):
+    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, classes, int(rc["n_steps"]), seeds.ROLLOUT, device):
         ids, ts = [j[0] for j in batch], [j[1] for j in batch]
         for row in rollout_to_rows(res, ids, ts, source, dt_ps):
             frames[row.pop("temperature")].append(row)
@@ -213,6 +207,3 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | P
     return {"pairs": len(jobs), "diverged": n_div}
 
 
-def hash_id(sid: str) -> int:
-    """Stable (process-independent) 31-bit hash of a structure id, for seeding."""
-    return zlib.crc32(sid.encode()) & 0x7FFFFFFF

@@ -1,0 +1,42 @@
+"""Seeds: the one recipe for every per-(structure, temperature) random stream.
+
+Each (config seed, structure id, T) has one ``numpy.random.SeedSequence``; its streams are told apart
+by spawn keys: the MD initial velocities use the root sequence itself, LiFlow rollouts its child
+``(ROLLOUT,)`` and pilot rollouts its child ``(PILOT,)``. Nothing depends on batching, chunking,
+process or Python's hash seed (the structure key is a SHA-256 of the id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+#: spawn keys of the streams derived from one (seed, structure, T) sequence
+MD_VELOCITIES: tuple[int, ...] = ()
+ROLLOUT = 1
+PILOT = 2
+
+
+def structure_key(sid: str) -> int:
+    """Stable 64-bit key of a structure id (first 8 bytes of its SHA-256, little-endian)."""
+    return int.from_bytes(hashlib.sha256(str(sid).encode()).digest()[:8], "little")
+
+
+def trajectory_seed(seed: int, sid: str, temperature: float, *stream: int) -> np.random.SeedSequence:
+    """SeedSequence of one (structure, T K) trajectory; ``stream`` selects a child (spawn key)."""
+    return np.random.SeedSequence([int(seed), structure_key(sid), int(round(float(temperature) * 1000))],
+                                  spawn_key=tuple(int(s) for s in stream))
+
+
+def numpy_rng(seed: int, sid: str, temperature: float, *stream: int) -> np.random.Generator:
+    """numpy Generator of a stream (the MD velocities: no stream)."""
+    return np.random.default_rng(trajectory_seed(seed, sid, temperature, *stream))
+
+
+def torch_generator(seed: int, sid: str, temperature: float, *stream: int):
+    """CPU torch.Generator of a stream (LiFlow rollouts: ``ROLLOUT`` or ``PILOT``)."""
+    import torch
+
+    state = trajectory_seed(seed, sid, temperature, *stream).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device="cpu").manual_seed((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
