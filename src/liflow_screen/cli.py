@@ -54,6 +54,21 @@ def _structures(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     structures.run(cfg, ns.out)
 
 
+def _args_trajectories(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trajectories", required=True, type=Path,
+                   help="CSV: id, path, temperature_K[, frame_dt_fs, format, split] (paths relative to the CSV)")
+    p.add_argument("--manifest-out", required=True, type=Path, help="structures manifest Parquet to write")
+    p.add_argument("--out-dir", required=True, type=Path, help="MD-chunk folder to write (structures, status, frames)")
+
+
+@command("trajectories", "bring your own trajectories: read, check, unwrap into an MD-chunk folder",
+         _args_trajectories)
+def _trajectories(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from .stages import trajectories
+
+    trajectories.run(cfg, ns.trajectories, ns.manifest_out, ns.out_dir)
+
+
 def _args_md(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--chunk", required=True, type=int, help="manifest chunk index")

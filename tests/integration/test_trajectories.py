@@ -1,0 +1,102 @@
+"""Bring your own trajectories: the project's own MD, exported to extxyz (unwrapped) and to a wrapped
+VASP XDATCAR, goes through ``trajectories`` -> ``dataset`` and gives the same dataset both ways,
+with the same unwrapped frames as the MD itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from liflow_screen import layout, potentials, schema
+from liflow_screen.cli import main
+from liflow_screen.md import integrate
+
+TEMPS = [600, 900]
+MD = {"potential": "chgnet", "temperatures": TEMPS, "timestep_fs": 2.0, "save_every": 5, "duration_ps": 0.1}
+
+
+@pytest.fixture(scope="module")
+def md_frames():
+    """Two short CHGNet trajectories of rock-salt LiCl (8 atoms), unwrapped, float32 as the MD stage stores."""
+    pot = potentials.load_potential({"potential": "chgnet"})
+    settings = integrate.MDSettings(timestep_fs=2.0, duration_ps=0.1, save_every=5, seed=3)
+    atoms = bulk("LiCl", "rocksalt", a=5.13, cubic=True)
+    out = {}
+    for T in TEMPS:
+        res = integrate.run_trajectory("LiCl", atoms, float(T), settings, potentials.EnergyForcesCalculator(pot))
+        assert res.status == "ok" and res.n_frames == 11
+        out[T] = (atoms.get_atomic_numbers(), atoms.cell.array.copy(), res.positions.astype(np.float32),
+                  res.energies)
+    return out
+
+
+def _export(d, md_frames, fmt: str) -> None:
+    d.mkdir()
+    lines = ["id,path,temperature_K,frame_dt_fs"]
+    for T, (numbers, cell, pos, energies) in md_frames.items():
+        images = [Atoms(numbers=numbers, positions=p.astype(np.float64), cell=cell, pbc=True) for p in pos]
+        for a, e in zip(images, energies):
+            a.calc = SinglePointCalculator(a, energy=float(e))
+        if fmt == "xdatcar":
+            for a in images:
+                a.wrap()
+            name = f"XDATCAR_{T}"
+            write(d / name, images, format="vasp-xdatcar")
+        else:
+            name = f"run_{T}.extxyz"
+            write(d / name, images, format="extxyz")
+        lines.append(f"LiCl,{name},{T},10")
+    (d / "trajectories.csv").write_text("\n".join(lines) + "\n")
+
+
+def _run(d, cfgfile) -> pd.DataFrame:
+    chunk = d / "md" / "chunk_00000"
+    assert main(["trajectories", "--config", str(cfgfile), "--trajectories", str(d / "trajectories.csv"),
+                 "--manifest-out", str(d / "manifest.parquet"), "--out-dir", str(chunk)]) == 0
+    files = [chunk / layout.STRUCTURES, chunk / layout.STATUS] + [layout.frames_file(chunk, T) for T in TEMPS]
+    assert main(["dataset", "--config", str(cfgfile), "--manifest", str(d / "manifest.parquet"),
+                 "--md-files", *map(str, files), "--out-dir", str(d / "dataset")]) == 0
+    return d / "dataset"
+
+
+def test_extxyz_and_wrapped_xdatcar_give_the_same_dataset(tmp_path, md_frames):
+    cfgfile = tmp_path / "cfg.yaml"
+    cfgfile.write_text(yaml.safe_dump({"md": MD, "dataset": {"delta_tau_ps": 0.05}}))
+    ds = {}
+    for fmt in ("extxyz", "xdatcar"):
+        _export(tmp_path / fmt, md_frames, fmt)
+        ds[fmt] = _run(tmp_path / fmt, cfgfile)
+    a, b = ds["extxyz"], ds["xdatcar"]
+    sa, sb = schema.read_df(a / "structures.parquet", "structures"), schema.read_df(b / "structures.parquet", "structures")
+    assert list(sa["numbers"][0]) == list(sb["numbers"][0]) and sa["n_li"][0] == 4
+    np.testing.assert_allclose(np.asarray(sa["positions"][0]), np.asarray(sb["positions"][0]), atol=1e-5)
+    la, lb = schema.read_df(a / "labels.parquet", "labels"), schema.read_df(b / "labels.parquet", "labels")
+    assert len(la) == len(lb) == 2
+    for col in ("msd_li", "msd_frame", "rate_li", "rate_frame"):
+        np.testing.assert_allclose(la[col], lb[col], rtol=1e-4, atol=1e-7)
+    assert list(la["slow_li"]) == list(lb["slow_li"])
+    fa, fb = layout.dataset_frame_files(a), layout.dataset_frame_files(b)
+    assert [f.relative_to(a) for f in fa] == [f.relative_to(b) for f in fb]
+    da, db = schema.open_frames(fa), schema.open_frames(fb)
+    for T, (_, cell, pos, _) in md_frames.items():
+        pa_, ta = schema.read_trajectory(da, "LiCl", T)
+        pb_, tb = schema.read_trajectory(db, "LiCl", T)
+        np.testing.assert_array_equal(ta, tb)
+        np.testing.assert_allclose(ta[1] - ta[0], 0.01, rtol=1e-6)
+        # identical up to float32 rounding of the XDATCAR's 8-decimal fractional coordinates
+        np.testing.assert_allclose(pa_, pb_, atol=1e-5)
+        # and the MD's own unwrapped frames, up to one lattice translation of the whole trajectory
+        shift = (pa_[0] - pos[0]) @ np.linalg.inv(cell)
+        assert np.allclose(shift, np.round(shift), atol=1e-5)
+        np.testing.assert_allclose(pa_ - pa_[0], pos - pos[0], atol=1e-5)
+    # energies came with the extxyz frames (CHGNet's), not with the XDATCAR
+    fr = da.to_table(columns=["energy"], filter=None).column("energy").to_pylist()
+    want = np.concatenate([md_frames[T][3] for T in TEMPS])
+    np.testing.assert_allclose(sorted(fr), sorted(want), rtol=1e-12)
+    assert all(e is None for e in db.to_table(columns=["energy"]).column("energy").to_pylist())
