@@ -67,17 +67,24 @@ def load_structures(structures: pd.DataFrame | str | os.PathLike[str]) -> pd.Dat
     return df.set_index("id", drop=False)
 
 
+def load_rows(rows: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+              kind: str) -> pd.DataFrame:
+    """Rows of a schema ``kind`` (status, priors) from a DataFrame, one file or several files
+    (an empty frame with the schema's columns for None or no files)."""
+    cols = [f.name for f in schema.SCHEMAS[kind]]
+    if rows is None:
+        return pd.DataFrame(columns=cols)
+    if isinstance(rows, pd.DataFrame):
+        return rows
+    paths = [rows] if isinstance(rows, (str, os.PathLike)) else list(rows)
+    frames = [schema.read_df(p, kind) for p in paths]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
 def load_status(status: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
                 ) -> pd.DataFrame:
     """STATUS rows from a DataFrame, one file or several files (empty frame for None)."""
-    cols = [f.name for f in schema.STATUS]
-    if status is None:
-        return pd.DataFrame(columns=cols)
-    if isinstance(status, pd.DataFrame):
-        return status
-    paths = [status] if isinstance(status, (str, os.PathLike)) else list(status)
-    frames = [schema.read_df(p, "status") for p in paths]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return load_rows(status, "status")
 
 
 def read_analysis(paths: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
@@ -119,11 +126,4 @@ def status_lookup(status: pd.DataFrame) -> dict[tuple[str, int, str], tuple[str,
 def load_priors(priors: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
                 ) -> pd.DataFrame:
     """PRIORS rows (prior class of each rollout) from a DataFrame, one file or several files."""
-    cols = [f.name for f in schema.PRIORS]
-    if priors is None:
-        return pd.DataFrame(columns=cols)
-    if isinstance(priors, pd.DataFrame):
-        return priors
-    paths = [priors] if isinstance(priors, (str, os.PathLike)) else list(priors)
-    frames = [schema.read_df(p, "priors") for p in paths]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return load_rows(priors, "priors")
