@@ -14,7 +14,8 @@ min_version("8.20")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# defaults are filled by the package (below), after the cross-key rules that need the raw values
+validate(config, "workflow/schemas/config.schema.yaml", set_default=False)
 
 # Rules run the package CLI as `python -m liflow_screen`. Without conda: the Python running
 # Snakemake (the venv need not be activated). With --use-conda: each rule's env provides the
@@ -59,6 +60,10 @@ ROLL_VARIANTS = (
     )
 )
 USE_SELECTOR = CFG["rollout"]["prior_selection"] == "selector"
+USE_LABELS = CFG["rollout"]["prior_selection"] == "labels"
+TRAIN_SELECTOR = CFG["train"]["prior_classes"] == "selector"
+# The user's own trajectories replace structure collection and the reference MD.
+OWN_TRAJECTORIES = CFG["structures"]["source"] == "trajectories"
 
 # The resolved config every rule reads; rewritten only when it changes so mtimes stay put.
 # Written by the main process of a real run only: a dry run (-n), --lint or a cluster job's
@@ -79,8 +84,18 @@ if WRITES and (not Path(RUNCFG).exists() or Path(RUNCFG).read_text() != _text):
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/structures.smk"
-include: "workflow/rules/md.smk"
+
+
+if OWN_TRAJECTORIES:
+
+    include: "workflow/rules/trajectories.smk"
+
+else:
+
+    include: "workflow/rules/structures.smk"
+    include: "workflow/rules/md.smk"
+
+
 include: "workflow/rules/dataset.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/rollout.smk"

@@ -166,6 +166,7 @@ def _args_rollout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--structures", required=True, type=Path, help="dataset structures.parquet (relaxed supercells)")
     p.add_argument("--selector", type=Path, default=None, help="prior selector (rollout.prior_selection: selector)")
+    p.add_argument("--labels", type=Path, default=None, help="dataset labels.parquet (rollout.prior_selection: labels)")
     p.add_argument("--propagator", required=True, type=Path)
     p.add_argument("--corrector", type=Path, default=None)
     p.add_argument("--variant", required=True)
@@ -178,11 +179,12 @@ def _rollout(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from .stages import rollout
 
     rollout.run(cfg, ns.manifest, ns.structures, ns.selector, ns.propagator, ns.corrector, ns.variant,
-                ns.chunk, ns.out_dir)
+                ns.chunk, ns.out_dir, labels_path=ns.labels)
 
 
 def _args_analyze(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--structures", required=True, type=Path, help="dataset structures.parquet")
+    p.add_argument("--structures", required=True, type=Path,
+                   help="the cells the trajectories are of: dataset structures.parquet (MD) or the rollout chunk's")
     p.add_argument("--frames", required=True, type=Path, nargs="+", help="the chunk's frames_T<K>.parquet files")
     p.add_argument("--status", required=True, type=Path, help="the chunk's status.parquet")
     p.add_argument("--source", required=True, help="md or liflow:<variant>")

@@ -46,6 +46,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("config must be a mapping of keys to values")
     cfg = copy.deepcopy(config)
+    given_dtau_ps = (cfg.get("dataset") or {}).get("delta_tau_ps") if isinstance(cfg.get("dataset"), dict) else None
     sch = schema()
     _fill_defaults(cfg, sch)
     validator = jsonschema.Draft202012Validator(sch)
@@ -60,8 +61,22 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                 f"unknown config key {extra[0]!r} in {where} (allowed: {', '.join(allowed)})"
             )
         raise ConfigError(f"config key {_path_of(err)}: {err.message}")
+    _delta_tau_from_frames(cfg, given_dtau_ps)
     _check_consistency(cfg)
     return cfg
+
+
+def _delta_tau_from_frames(cfg: dict[str, Any], given_ps: float | None) -> None:
+    """dataset.delta_tau_frames, when set, defines dataset.delta_tau_ps (a given one must agree)."""
+    n = cfg["dataset"]["delta_tau_frames"]
+    if n is None:
+        return
+    md = cfg["md"]
+    ps = n * md["timestep_fs"] * md["save_every"] / 1000.0
+    if given_ps is not None and abs(float(given_ps) - ps) > 1e-9 * ps:
+        raise ConfigError(f"config keys dataset.delta_tau_frames ({n} frames = {ps:g} ps) and dataset.delta_tau_ps "
+                          f"({given_ps} ps) disagree: give one of them")
+    cfg["dataset"]["delta_tau_ps"] = ps
 
 
 def _check_consistency(cfg: dict[str, Any]) -> None:
@@ -77,7 +92,7 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         if cfg["rollout"]["corrector"] and not pre["corrector"]:
             raise ConfigError("config key train.init_from is 'published' but pretrained.corrector is not set")
     s = cfg["structures"]
-    if s["source"] in ("cif_dir", "manifest") and not s["path"]:
+    if s["source"] in ("cif_dir", "manifest", "trajectories") and not s["path"]:
         raise ConfigError(f"config key structures.path is required when structures.source is {s['source']!r}")
     if cfg["md"]["potential"] == "mace-file" and not cfg["md"]["model_path"]:
         raise ConfigError("config key md.model_path is required when md.potential is 'mace-file'")

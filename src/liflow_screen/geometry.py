@@ -33,6 +33,20 @@ def supercell_repeats(cell: np.ndarray, min_width: float) -> tuple[int, int, int
     return tuple(max(1, int(math.ceil(min_width / w - 1e-9))) for w in widths)  # type: ignore[return-value]
 
 
+def tile(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray,
+         reps: tuple[int, int, int] | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (na, nb, nc) supercell of a cell: (numbers, positions Å, cell rows Å), atoms ordered image
+    by image (m_a, m_b, m_c with m_c fastest) as ``ase.Atoms.repeat`` orders them."""
+    numbers, positions, cell = np.asarray(numbers), np.asarray(positions, dtype=float), np.asarray(cell, dtype=float)
+    na, nb, nc = (int(r) for r in reps)
+    if min(na, nb, nc) < 1:
+        raise ValueError(f"supercell repeats must be >= 1, got {tuple(reps)}")
+    images = np.array([(i, j, k) for i in range(na) for j in range(nb) for k in range(nc)], dtype=float)
+    shifts = images @ cell                                          # (n_img, 3) Å
+    pos = (positions[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+    return np.tile(numbers, len(images)), pos, cell * np.array([[na], [nb], [nc]], dtype=float)
+
+
 def center_of_mass(pos: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
     """Mass-weighted mean position per graph, Å. pos (N,3), masses (N,), batch (N,) -> (G,3)."""
     import torch

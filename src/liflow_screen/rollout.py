@@ -6,7 +6,8 @@ All G trajectories advance together in ONE :class:`GraphBatch`. Per Δτ step (1
    vectors, unit vectors, radial features) is built once;
 2. D ~ prior(sigma_prop) is Euler-integrated for ``n_flow`` steps (t = i / n_flow);
 3. the Corrector is conditioned once on X~ = X_tau + D, D_c ~ prior(sigma_corr) is integrated the
-   same way, and X' = X~ + D_c;
+   same way (``n_flow_corrector`` Euler steps), and X' = X~ + D_c; with ``corrector_every`` = k > 1
+   only every k-th step is corrected (P P C for k = 2 ..., paper Appendix E.3), the others are X' = X~;
 4. the CoM drift is removed per graph with atomic masses: X' <- X' - CoM(X') + CoM(X_tau).
 
 Noise is drawn per graph from that graph's own generator (propagator draw, then corrector draw,
@@ -15,13 +16,16 @@ A graph whose step gives non-finite positions or moves any atom more than
 ``max_step_displacement`` Å is retried with fresh prior samples up to ``retries`` times, then
 frozen at its last good frame and flagged diverged while the others continue.
 Positions are never wrapped (unwrapped Cartesian, Å).
+
+Long rollouts stream: with ``on_frame`` every frame goes to the callback as it is made and only the
+current frame is kept in memory (a 1,000-step rollout of a 3,200-atom cell does not hold 1,001 frames).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +42,10 @@ from .model.priors import sample_prior
 
 @dataclass
 class RolloutResult:
-    """Trajectories of G graphs. Frames after a graph's last good step repeat that frame."""
+    """Trajectories of G graphs. Frames after a graph's last good step repeat that frame.
+
+    A streamed rollout (``on_frame``) keeps only its final frame: ``positions`` is then (1, N, 3).
+    """
 
     positions: Tensor    # (n_steps+1, N, 3) float32 Å, unwrapped, on CPU; frame 0 = input
     n_ok_steps: Tensor   # (G,) long, completed Δτ steps per graph
@@ -47,9 +54,12 @@ class RolloutResult:
     ptr: Tensor          # (G+1,) atom offsets (as in the input batch)
     n_retries: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (G,) retries used
     wall_s: float = 0.0  # wall time of the whole batched rollout, s
+    streamed: bool = False  # frames went to on_frame; positions holds the final frame only
 
     def trajectory(self, graph: int) -> np.ndarray:
         """(n_ok_steps+1, n_atoms, 3) float32 Å of one graph, up to its last good frame."""
+        if self.streamed:
+            raise InputError("a streamed rollout keeps no trajectory: its frames went to on_frame")
         lo, hi = int(self.ptr[graph]), int(self.ptr[graph + 1])
         return self.positions[: int(self.n_ok_steps[graph]) + 1, lo:hi].numpy()
 
@@ -107,12 +117,13 @@ def remove_com_drift(x_new: Tensor, g: GraphBatch) -> Tensor:
 
 def liflow_step(propagator: FlowModel, corrector: FlowModel | None, g: GraphBatch, d0_prop: Tensor | None,
                 d0_corr: Tensor | None, n_flow: int, regressor: bool = False,
-                max_step_displacement: float = math.inf) -> tuple[Tensor, Tensor]:
+                max_step_displacement: float = math.inf, n_flow_corrector: int | None = None) -> tuple[Tensor, Tensor]:
     """One Δτ step of Algorithm 1 from X_tau = g.pos, given the prior draws (N,3) Å.
 
     Propagator: X~ = X_tau + D with D integrated from ``d0_prop`` (a regressor is called once at
-    D = 0, t = 0 instead); Corrector (if any): conditioned on X~, D_c integrated from ``d0_corr``,
-    X' = X~ + D_c; finally the CoM drift relative to X_tau is removed. Returns (X~, X'), Å.
+    D = 0, t = 0 instead); Corrector (if any): conditioned on X~, D_c integrated from ``d0_corr``
+    in ``n_flow_corrector`` (default ``n_flow``) Euler steps, X' = X~ + D_c; finally the CoM drift
+    relative to X_tau is removed. Returns (X~, X'), Å.
     A graph already broken by the Propagator (non-finite, or an atom moved more than
     ``max_step_displacement`` Å) cannot be conditioned on: its Corrector sees X_tau instead, and
     the caller rejects the step.
@@ -128,7 +139,8 @@ def liflow_step(propagator: FlowModel, corrector: FlowModel | None, g: GraphBatc
         broken = _graph_any(~torch.isfinite(d).all(-1)
                             | (torch.linalg.vector_norm(d, dim=-1) > max_step_displacement), g)
         x_cond = torch.where(broken[g.batch].unsqueeze(-1), g.pos, x_prop)
-        x_new = x_prop + integrate_flow(corrector, g.with_pos(x_cond), d0_corr, n_flow)
+        x_new = x_prop + integrate_flow(corrector, g.with_pos(x_cond), d0_corr,
+                                        n_flow if n_flow_corrector is None else n_flow_corrector)
     return x_prop, remove_com_drift(x_new, g)
 
 
@@ -159,19 +171,29 @@ def rollout(
     retries: int = 2,
     regressor: bool = False,
     progress: bool = False,
+    corrector_every: int = 1,
+    n_flow_corrector: int | None = None,
+    on_frame: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> RolloutResult:
     """Run Algorithm 1 for every graph of ``g0`` (initial positions X_0 in Å, temperatures in K).
 
     sigma_prop / sigma_corr (N,) Å: Propagator / Corrector prior widths (see model.priors).
     ``generator``: one torch.Generator (per-graph generators are seeded from it) or one per graph.
     ``regressor``: the Propagator is a regressor, called once per step with d = 0, t = 0, whose
-    output is the displacement (no prior sample). ``corrector=None`` skips the Corrector.
+    output is the displacement (no prior sample). ``corrector=None`` skips the Corrector;
+    ``corrector_every`` = k corrects steps k, 2k, ... only; ``n_flow_corrector`` its Euler steps.
+    ``on_frame(frame, positions, good)``: called with frame 0 and after every step with the
+    (N, 3) float32 Å positions of all graphs and the (G,) bool of graphs whose frame is a real one
+    (False once a graph has diverged); the result then keeps only the final frame (streamed).
+    ``progress``: a tqdm bar over the steps.
     """
     n_atoms, n_graphs = int(g0.pos.shape[0]), g0.n_graphs
     if n_steps < 1 or n_flow < 1:
         raise InputError(f"n_steps and n_flow must be >= 1 (got {n_steps}, {n_flow})")
     if retries < 0 or not max_step_displacement > 0:
         raise InputError("retries must be >= 0 and max_step_displacement > 0 Å")
+    if corrector_every < 1 or (n_flow_corrector is not None and n_flow_corrector < 1):
+        raise InputError(f"corrector_every and n_flow_corrector must be >= 1 (got {corrector_every}, {n_flow_corrector})")
     if n_graphs == 0 or n_atoms == 0:
         raise InputError("empty graph batch")
     if not bool(torch.isfinite(g0.pos).all()):
@@ -186,8 +208,11 @@ def rollout(
     sigma_corr = sigma_corr.to(dev, g0.pos.dtype) if corrector is not None and sigma_corr is not None else None
 
     t_start = time.perf_counter()
-    positions = torch.empty(n_steps + 1, n_atoms, 3, dtype=torch.float32)
+    stream = on_frame is not None
+    positions = torch.empty(1 if stream else n_steps + 1, n_atoms, 3, dtype=torch.float32)
     positions[0] = g0.pos.detach().to("cpu", torch.float32)
+    if stream:
+        on_frame(0, positions[0].numpy(), np.ones(n_graphs, dtype=bool))
     n_ok = torch.zeros(n_graphs, dtype=torch.long)
     diverged = torch.zeros(n_graphs, dtype=torch.bool)
     n_retries = torch.zeros(n_graphs, dtype=torch.long)
@@ -203,22 +228,23 @@ def rollout(
             subsets[graphs] = subset_batch(g0, graphs)
         return subsets[graphs]
 
-    def one_step(graphs: tuple[int, ...]) -> tuple[Tensor, Tensor, GraphBatch]:
+    def one_step(graphs: tuple[int, ...], correct: bool) -> tuple[Tensor, Tensor, GraphBatch]:
         """Propose X' for ``graphs`` from X_tau = x; returns (X' (N_sub,3), atom index, sub-batch)."""
         sub, atoms = sub_for(graphs)
         sub = sub.with_pos(x[atoms])
         ptr = sub.ptr.tolist()
         sub_gens = [gens[k] for k in graphs]
+        corr = corrector if correct else None
         d0_p = None if regressor else _draw(sigma_prop[atoms], ptr, sub_gens)
-        d0_c = _draw(sigma_corr[atoms], ptr, sub_gens) if corrector is not None else None
-        _, x_new = liflow_step(propagator, corrector, sub, d0_p, d0_c, n_flow, regressor=regressor,
-                               max_step_displacement=max_step_displacement)
+        d0_c = _draw(sigma_corr[atoms], ptr, sub_gens) if corr is not None else None
+        _, x_new = liflow_step(propagator, corr, sub, d0_p, d0_c, n_flow, regressor=regressor,
+                               max_step_displacement=max_step_displacement, n_flow_corrector=n_flow_corrector)
         return x_new, atoms, sub
 
     steps = range(n_steps)
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"rollout {n_graphs} graphs", unit="ps-step")
+        steps = tqdm(steps, desc=f"rollout {n_graphs} graphs", unit="step", mininterval=10.0)
     with torch.no_grad():
         for step in steps:
             active = tuple(k for k in range(n_graphs) if not diverged[k])
@@ -226,8 +252,9 @@ def rollout(
                 break
             pending = active
             why: dict[int, str] = {}
+            correct = corrector is not None and (step + 1) % corrector_every == 0
             for attempt in range(retries + 1):
-                x_new, atoms, sub = one_step(pending)
+                x_new, atoms, sub = one_step(pending, correct)
                 disp = torch.linalg.vector_norm(x_new - sub.pos, dim=-1)
                 disp = torch.nan_to_num(disp, nan=float("inf"))
                 max_disp = torch.full((sub.n_graphs,), 0.0, device=dev).scatter_reduce(
@@ -253,25 +280,37 @@ def rollout(
                 reason[k] = f"diverged at step {step + 1}: {why[k]} (after {retries} retries)"
             done = [k for k in active if k not in pending]
             n_ok[done] += 1
-            positions[step + 1] = x.detach().to("cpu", torch.float32)
+            frame = x.detach().to("cpu", torch.float32)
+            if stream:
+                positions[0] = frame
+                on_frame(step + 1, frame.numpy(), (~diverged).numpy())
+            else:
+                positions[step + 1] = frame
     # frames after a frozen graph's last good step repeat that frame
     ptr = g0.ptr.cpu()
-    for k in range(n_graphs):
+    for k in range(n_graphs if not stream else 0):
         last = int(n_ok[k])
         if last < n_steps:
             lo, hi = int(ptr[k]), int(ptr[k + 1])
             positions[last + 1:, lo:hi] = positions[last, lo:hi]
     return RolloutResult(positions=positions, n_ok_steps=n_ok, diverged=diverged, reason=reason, ptr=ptr,
-                         n_retries=n_retries, wall_s=time.perf_counter() - t_start)
+                         n_retries=n_retries, wall_s=time.perf_counter() - t_start, streamed=stream)
+
+
+def frame_rows(frame: int, positions: np.ndarray, ptr: Sequence[int], graphs: Sequence[int], ids: Sequence[str],
+               temperatures: Sequence[float], source: str, dt_ps: float) -> list[dict]:
+    """``schema.FRAMES`` rows of one frame of the given ``graphs`` (positions (N, 3) Å of the whole
+    batch, atom offsets ``ptr``); time_ps = frame * dt_ps. Each row also carries ``temperature``
+    (int K) for the caller's partitioning (``to_table`` ignores it); positions are copied."""
+    return [{"id": str(ids[k]), "source": source, "frame": int(frame), "time_ps": float(frame * dt_ps),
+             "positions": np.array(positions[ptr[k]:ptr[k + 1]], dtype=np.float32).reshape(-1),
+             "energy": None, "temperature_inst": None, "temperature": int(round(float(temperatures[k])))}
+            for k in graphs]
 
 
 def rollout_to_rows(result: RolloutResult, ids: Sequence[str], temperatures: Sequence[float], source: str,
                     dt_ps: float) -> list[dict]:
-    """``schema.FRAMES`` rows (frames 0..n_ok_steps of every graph), time_ps = frame * dt_ps.
-
-    Each row also carries ``temperature`` (int K) for the caller's partitioning; ``to_table``
-    ignores it. positions are float32 numpy arrays (n*3,), Å.
-    """
+    """``schema.FRAMES`` rows (frames 0..n_ok_steps of every graph; see :func:`frame_rows`)."""
     n_graphs = len(result.reason)
     if len(ids) != n_graphs or len(temperatures) != n_graphs:
         raise InputError(f"need {n_graphs} ids and temperatures, got {len(ids)} and {len(temperatures)}")
@@ -279,10 +318,7 @@ def rollout_to_rows(result: RolloutResult, ids: Sequence[str], temperatures: Seq
     for k in range(n_graphs):
         traj = result.trajectory(k)
         for f in range(traj.shape[0]):
-            rows.append({"id": str(ids[k]), "source": source, "frame": f, "time_ps": float(f * dt_ps),
-                         "positions": np.ascontiguousarray(traj[f], dtype=np.float32).reshape(-1),
-                         "energy": None, "temperature_inst": None,
-                         "temperature": int(round(float(temperatures[k])))})
+            rows += frame_rows(f, traj[f], [0, traj.shape[1]], [0], [ids[k]], [temperatures[k]], source, dt_ps)
     return rows
 
 

@@ -100,3 +100,51 @@ def test_extxyz_and_wrapped_xdatcar_give_the_same_dataset(tmp_path, md_frames):
     want = np.concatenate([md_frames[T][3] for T in TEMPS])
     np.testing.assert_allclose(sorted(fr), sorted(want), rtol=1e-12)
     assert all(e is None for e in db.to_table(columns=["energy"]).column("energy").to_pylist())
+
+
+def test_workflow_own_trajectories_end_to_end(tmp_path, md_frames):
+    """config/own-trajectories.yaml through Snakemake on the wrapped XDATCAR export: trajectories ->
+    dataset -> single-material P + C (labels as prior classes, uniform frame prior) -> rollouts on a
+    1 x 1 x 2 supercell with the Corrector every 2nd step -> kinisi / Arrhenius -> reports with the
+    input trajectories' D* beside the rollouts'."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    d = tmp_path / "own"
+    _export(d, md_frames, "xdatcar")
+    over = {"md": MD, "dataset": {"delta_tau_frames": 2},
+            "train": {"features": 16, "radial": 8, "layers": 1, "max_steps": 10, "val_every": 5, "val_batches": 1,
+                      "batch_size": 2},
+            "rollout": {"n_steps": 4, "n_flow": 2, "supercell": [1, 1, 2], "corrector_every": 2},
+            "analysis": {"kinisi_n_dt": 4, "kinisi_samples": 200}}
+    (d / "over.yaml").write_text(yaml.safe_dump(over))
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(d), "--cores", "2",
+           "--configfile", str(REPO / "config" / "own-trajectories.yaml"), str(d / "over.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = d / "results-own"
+    resolved = yaml.safe_load((res / "config.resolved.yaml").read_text())
+    assert resolved["dataset"]["delta_tau_ps"] == pytest.approx(0.02)  # 2 frames x 10 fs
+    assert not (res / "train" / "selector.pt").exists()  # no classifier on this path
+    labels = schema.read_df(res / "dataset" / "labels.parquet", "labels").set_index("temperature")
+    cells = schema.read_df(res / "rollout" / "adaptive" / "chunk_00000" / layout.STRUCTURES, "structures")
+    assert list(cells["n_atoms"]) == [16] and list(cells["n_li"]) == [8]
+    priors = schema.read_df(res / "rollout" / "adaptive" / "chunk_00000" / layout.PRIORS, "priors")
+    for p in priors.itertuples():
+        assert p.method == f"labels@{p.temperature}K" and bool(p.li_slow) == bool(labels.loc[p.temperature, "slow_li"])
+    for T in TEMPS:
+        fr = schema.read_df(layout.frames_file(res / "rollout" / "adaptive" / "chunk_00000", T), "frames")
+        assert sorted(fr["frame"]) == list(range(len(fr))) and len(fr) <= 5
+        assert {len(p) for p in fr["positions"]} == {48}
+    diff = pd.read_csv(res / "reports" / "diffusivity.csv")
+    assert set(diff["source"]) == {"md", "liflow:adaptive"} and set(diff["id"]) == {"LiCl"}
+    for T in TEMPS:
+        assert diff[f"D_method_{T}K"].notna().all()
+    an = pd.concat([pd.read_parquet(f) for f in (res / "analysis").rglob("*.parquet")])
+    assert set(an["source"]) == {"md", "liflow:adaptive"} and len(an) == 2 * len(TEMPS)
+    # the same Li sublattice in the 8-atom input cell and the 16-atom supercell: same hop length
+    hop = an.groupby("source")["li_hop_A"].first()
+    assert hop["md"] == pytest.approx(hop["liflow:adaptive"], rel=0.05)

@@ -212,3 +212,51 @@ def test_rows_match_schema_and_bad_input() -> None:
         rollout(FlowModel(**SMALL), None, g, sp, None, n_steps=0, n_flow=1, generator=gens(1, 2))
     with pytest.raises(InputError):
         rollout(FlowModel(**SMALL), None, g, sp, None, n_steps=1, n_flow=1, generator=gens(1))
+
+
+def test_corrector_every_k_steps_and_its_own_flow_steps() -> None:
+    """corrector_every=2, n_flow_corrector=2: steps 1, 3 are Propagator only (no corrector draw), steps
+    2, 4 are P + C with 2 Euler steps: replayed by hand with liflow_step and the same per-graph draws."""
+    from liflow_screen.rollout import liflow_step
+
+    g = batch_of(crystals(6)[:1], [900.0])
+    prop, corr = Counting(**SMALL, seed=7), Counting(**SMALL, seed=8)
+    sp, sc = prior_sigma(g, "uniform", scale=2.0), prior_sigma(g, "isotropic", scale=0.05)
+    res = rollout(prop, corr, g, sp, sc, n_steps=4, n_flow=3, generator=gens(21), corrector_every=2,
+                  n_flow_corrector=2)
+    assert corr.n_condition == 2 and len(corr.calls) == 2 * 2  # 2 corrected steps x 2 Euler steps
+    assert prop.n_condition == 4 and len(prop.calls) == 4 * 3
+    ref, x = gens(21)[0], g.pos.clone()
+    with torch.no_grad():
+        for step in range(4):
+            d0p = sample_prior(sp, ref)
+            correct = (step + 1) % 2 == 0
+            d0c = sample_prior(sc, ref) if correct else None
+            _, x = liflow_step(prop, corr if correct else None, g.with_pos(x), d0p, d0c, 3, n_flow_corrector=2)
+            np.testing.assert_allclose(res.positions[step + 1].numpy(), x.numpy(), atol=1e-5)
+    every = rollout(prop, corr, g, sp, sc, n_steps=4, n_flow=3, generator=gens(21))
+    assert (every.positions[1] - res.positions[1]).abs().max() > 1e-4  # k = 1 corrects step 1: differs
+    with pytest.raises(InputError, match="corrector_every"):
+        rollout(prop, corr, g, sp, sc, n_steps=1, n_flow=1, generator=gens(1), corrector_every=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1.0e3])
+def test_streamed_rollout_same_frames_bounded_memory(value: float) -> None:
+    """on_frame gets every frame (the same as the stored rollout); a diverged graph's frames stop
+    being marked good; the result keeps the final frame only."""
+    g = batch_of(crystals(7), [700.0, 1234.0])
+    sp, sc = prior_sigma(g, "uniform"), prior_sigma(g, "isotropic", scale=0.05)
+    stored = rollout(BlowUp(1234.0, value, **SMALL), FlowModel(**SMALL, seed=3), g, sp, sc, n_steps=3, n_flow=2,
+                     generator=gens(5, 6), retries=0)
+    seen: list[tuple[int, np.ndarray, np.ndarray]] = []
+    res = rollout(BlowUp(1234.0, value, **SMALL), FlowModel(**SMALL, seed=3), g, sp, sc, n_steps=3, n_flow=2,
+                  generator=gens(5, 6), retries=0, on_frame=lambda f, x, ok: seen.append((f, x.copy(), ok.copy())))
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    for f, x, ok in seen:
+        np.testing.assert_array_equal(x, stored.positions[f].numpy())
+        assert ok.tolist() == ([True, True] if f == 0 else [True, False])
+    assert res.streamed and res.positions.shape == (1, len(g.pos), 3)
+    assert torch.equal(res.positions[0], stored.positions[-1])
+    assert res.n_ok_steps.tolist() == stored.n_ok_steps.tolist() == [3, 0]
+    with pytest.raises(InputError, match="streamed"):
+        res.trajectory(0)

@@ -25,7 +25,7 @@ rule analyze_reference:
 
 rule analyze_rollout:
     input:
-        structures=f"{R}/dataset/structures.parquet",
+        structures=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/structures.parquet",
         status=f"{R}/rollout/{{variant}}/chunk_{{chunk}}/status.parquet",
         frames=expand(
             f"{R}/rollout/{{{{variant}}}}/chunk_{{{{chunk}}}}/frames_T{{T}}.parquet",

@@ -18,6 +18,11 @@ rule report:
             category="Metrics",
         ),
         prior_classes=f"{R}/reports/prior_classes.csv",
+        diffusivity=report(
+            f"{R}/reports/diffusivity.csv",
+            caption="../report/diffusivity.rst",
+            category="Ranking",
+        ),
         parity=report(
             directory(f"{R}/reports/parity"),
             patterns=["{name}.png"],

@@ -51,7 +51,7 @@ rule train_propagator:
         structures=f"{R}/dataset/structures.parquet",
         labels=f"{R}/dataset/labels.parquet",
         frames=f"{R}/dataset/frames",
-        selector=f"{R}/train/selector.pt",
+        selector=[f"{R}/train/selector.pt"] if TRAIN_SELECTOR else [],
         init=[f"{R}/models/published/propagator.pt"] if FINETUNE else [],
     output:
         model=f"{R}/train/propagator_{{variant}}/best.pt",
@@ -73,8 +73,11 @@ rule train_propagator:
         dataset=lambda w, input: os.path.dirname(input.structures),
         out_dir=lambda w, output: os.path.dirname(output.model),
         init=lambda w, input: f"--init-from {input.init}" if input.init else "",
+        selector=lambda w, input: (
+            f"--selector {input.selector}" if input.selector else ""
+        ),
     shell:
-        "python -m liflow_screen train --config {params.config} --threads {threads} --dataset {params.dataset} --selector {input.selector} "
+        "python -m liflow_screen train --config {params.config} --threads {threads} --dataset {params.dataset} {params.selector} "
         "--kind propagator --variant {wildcards.variant} {params.init} --out-dir {params.out_dir} 2> {log}"
 
 

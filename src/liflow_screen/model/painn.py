@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from ase.data import chemical_symbols
 from torch import Tensor, nn
@@ -233,7 +234,8 @@ class FlowModel(nn.Module):
 
     def unsupported_elements(self, numbers) -> list[str]:
         """Chemical symbols in ``numbers`` that have no row in the element table (sorted by Z)."""
-        z = sorted({int(x) for x in torch.as_tensor(numbers).reshape(-1).tolist()})
+        z = sorted({int(x) for x in (numbers.reshape(-1).tolist() if isinstance(numbers, torch.Tensor)
+                                     else np.asarray(numbers).reshape(-1).tolist())})
         rows = self.element_rows.cpu()
         return [chemical_symbols[x] if 0 <= x < N_Z else str(x) for x in z
                 if not (0 <= x < N_Z) or int(rows[x]) < 0]

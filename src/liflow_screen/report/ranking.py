@@ -189,3 +189,25 @@ def _unranked_reason(sid: str, g: pd.DataFrame, temps: list[int], bad: dict[int,
     grp = "unstable" if all(unstable) else "unresolved"
     return grp, (f"usable (resolved, stable, non-melted) at {len(usable)} of {len(temps)} temperatures, "
                  f"2 needed for an Arrhenius fit; " + "; ".join(parts))
+
+
+def diffusivity_by_source(analysis_table: pd.DataFrame, structures_table: pd.DataFrame,
+                          status_table: pd.DataFrame | None = None, target_T: float = 300.0) -> pd.DataFrame:
+    """D*(T) and the Arrhenius E_A of every structure from EVERY trajectory source side by side (the
+    reference or user MD, each LiFlow variant): one row per (structure, source), the per-source
+    columns of :func:`compute_ranking` (D_<T>K[_low|_high|_bound], D_method_<T>K, flags_<T>K,
+    E_A_eV[_low|_high] with its 95 % interval, arrhenius_T, status, reason), with no ranks."""
+    keep_prefix = ("D_pred_", "D_method_", "flags_")
+    parts = []
+    for src in sorted(set(analysis_table["source"])):
+        sub = analysis_table[analysis_table["source"] == src]
+        rk, _ = compute_ranking(sub, structures_table, status_table, None, target_T, src)
+        cols = ["id", "formula", "source"] + [c for c in rk.columns if c.startswith(keep_prefix)] + [
+            "arrhenius_T", "arrhenius_n_T", "E_A_eV", "E_A_eV_low", "E_A_eV_high", "status", "reason"]
+        parts.append(rk[[c for c in cols if c in rk.columns]].rename(
+            columns=lambda c: "D_" + c[len("D_pred_"):] if c.startswith("D_pred_") else c))
+    if not parts:
+        return pd.DataFrame(columns=["id", "formula", "source", "E_A_eV", "status", "reason"])
+    out = pd.concat(parts, ignore_index=True)
+    out["status"] = out["status"].replace({"ranked": "fitted"})
+    return out.sort_values(["id", "source"], kind="mergesort").reset_index(drop=True)

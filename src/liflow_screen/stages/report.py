@@ -18,7 +18,7 @@ from .. import schema
 from ..io import atomic_path, provenance, write_json_atomic
 from ..report.metrics import compute_metrics, prior_agreement
 from ..report.plots import arrhenius_plots, parity_plots
-from ..report.ranking import compute_ranking, ranking_source
+from ..report.ranking import compute_ranking, diffusivity_by_source, ranking_source
 from ..report.tables import (
     full_config,
     load_priors,
@@ -45,8 +45,9 @@ def run(
     metric_splits: Sequence[str] = ("test",),
     labels_table: pd.DataFrame | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.csv, ranking.csv, prior_classes.csv (+ provenance JSON), parity/*.png and
-    arrhenius/*.png.
+    """Write metrics.csv, ranking.csv, prior_classes.csv, diffusivity.csv (D*(T) and E_A per
+    structure and trajectory source: MD beside each LiFlow variant) (+ provenance JSON),
+    parity/*.png and arrhenius/*.png.
 
     Inputs are DataFrames or paths (analysis Parquet files, the STRUCTURES Parquet, STATUS and
     PRIORS Parquet files, the dataset's LABELS). ``cfg`` is the run config (``analysis.top_n`` and
@@ -67,6 +68,7 @@ def run(
     src = ranking_source(df, variant)
     ranking, fits = compute_ranking(df, structs, status, priors[priors["source"] == src] if len(priors) else None,
                                     target_T, variant)
+    by_source = diffusivity_by_source(df, structs, status, target_T)
     agreement = prior_agreement(priors, labels if labels is not None else pd.DataFrame())
     out = Path(out_dir)
     prov = provenance(full, stage="report", n_trajectories=int(len(df)), n_structures=int(len(ranking)),
@@ -75,9 +77,11 @@ def run(
     _write_csv(metrics, out / "metrics.csv", prov)
     _write_csv(ranking, out / "ranking.csv", prov)
     _write_csv(agreement, out / "prior_classes.csv", prov)
+    _write_csv(by_source, out / "diffusivity.csv", prov)
     for sub in ("parity", "arrhenius"):  # declared outputs, even when there is nothing to plot
         (out / sub).mkdir(parents=True, exist_ok=True)
     parity = parity_plots(df, metrics, out, prov, metric_splits)
     arr = arrhenius_plots(ranking, fits, df, out, prov, int(acfg["top_n"]), target_T) if len(ranking) else []
     return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "prior_classes": out / "prior_classes.csv",
+            "diffusivity": out / "diffusivity.csv",
             "parity": parity, "arrhenius": arr}

@@ -37,8 +37,28 @@ PILOT_UNCERTAIN_FACTOR = 2.0
 
 
 
+def rolled_out_structures(structs: pd.DataFrame, ids: list[str], reps: list[int] | tuple[int, ...]) -> pd.DataFrame:
+    """STRUCTURES rows (indexed by id) of the cells the rollouts start from: each structure's
+    relaxed supercell repeated ``reps`` = (n_a, n_b, n_c) times (rollout.supercell; Å)."""
+    from ..geometry import tile
+
+    sub = structs.loc[ids].copy()
+    if tuple(reps) == (1, 1, 1):
+        return sub
+    for col in ("numbers", "positions", "cell"):
+        sub[col] = sub[col].astype(object)
+    for sid in ids:
+        s = sub.loc[sid]
+        z, pos, cell = tile(np.asarray(s["numbers"]), np.asarray(s["positions"], float).reshape(-1, 3),
+                            np.asarray(s["cell"], float).reshape(3, 3), reps)
+        sub.at[sid, "numbers"], sub.at[sid, "positions"] = z.tolist(), pos.reshape(-1).tolist()
+        sub.at[sid, "cell"] = cell.reshape(-1).tolist()
+        sub.at[sid, "n_atoms"], sub.at[sid, "n_li"] = len(z), int((z == LI_Z).sum())
+    return sub
+
+
 def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: Any):
-    """GraphBatch of the relaxed supercells of ``batch`` [(id, T K, split)]."""
+    """GraphBatch of the cells (``structs`` rows) of ``batch`` [(id, T K, split)]."""
     from ..model.graph import make_batch
 
     sts = [structs.loc[j[0]] for j in batch]
@@ -48,11 +68,13 @@ def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: A
 
 def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.DataFrame,
                      jobs: list[tuple[str, float, str]], classes: dict[tuple[str, int], tuple[bool, bool]],
-                     n_steps: int, stream: int, device: Any):
+                     n_steps: int, stream: int, device: Any, on_frame: Any = None):
     """Yield (batch, RolloutResult, wall s) for ``jobs`` in groups of rollout.batch_structures.
 
     ``stream``: ``seeds.ROLLOUT`` or ``seeds.PILOT``, the child of each (seed, structure, T)
     sequence the prior draws come from (independent of batching and chunking).
+    ``on_frame(batch, ptr, frame, positions, good)``: stream every frame (``ptr``: the batch's atom
+    offsets; see ``rollout.rollout``).
     """
     import torch
 
@@ -73,15 +95,18 @@ def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.Data
         sig_c = prior_sigma_for(g, corr.liflow_meta["prior"], li_slow, fr_slow) if corr is not None else None
         gens = [seeds.torch_generator(int(cfg["seed"]), sid, T, stream) for sid, T, _ in batch]
         t0 = time.perf_counter()
+        ptr = g.ptr.tolist()
+        sink = None if on_frame is None else (lambda f, x, ok, batch=batch, ptr=ptr: on_frame(batch, ptr, f, x, ok))
         res = rollout(prop, corr, g, sig_p, sig_c, n_steps, int(rc["n_flow"]), gens,
                       max_step_displacement=float(rc["max_step_displacement"]), retries=int(rc["retries"]),
-                      regressor=regressor, progress=False)
+                      regressor=regressor, progress=sink is not None, corrector_every=int(rc["corrector_every"]),
+                      n_flow_corrector=rc["n_flow_corrector"], on_frame=sink)
         yield batch, res, time.perf_counter() - t0
 
 
 def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any, structs: pd.DataFrame,
                          jobs: list[tuple[str, float, str]], selector: str | Path | None, device: Any,
-                         source: str) -> pd.DataFrame:
+                         source: str, labels: pd.DataFrame | None = None) -> pd.DataFrame:
     """The adaptive-prior class (li_slow, frame_slow) of every job, as schema.PRIORS rows.
 
     * ``selector``: the prior-selector classifier trained on this run's MD (P(slow) >= 0.5);
@@ -91,6 +116,8 @@ def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any,
       gets the small prior: a pilot with the large frame prior is self-fulfilling (the flow turns a
       wide prior into wide displacements: LiCl's frame "diffused" at 600 K), and a melting frame is
       a sanity flag of its own, not something to screen with;
+    * ``labels``: the dataset's own MSD label of the structure (``labels``, schema.LABELS) at the
+      nearest labelled temperature (single-material models, paper Appendix D.4);
     * ``fast`` / ``slow``: that class for every group.
     A non-adaptive Propagator prior has no classes (method "none").
     """
@@ -114,6 +141,17 @@ def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any,
             rows.append({**base, "id": sid, "temperature": T, "method": "selector", "li_slow": bool(p.li_slow),
                          "frame_slow": bool(p.frame_slow), "p_slow_li": p.p_slow_li, "p_slow_frame": p.p_slow_frame,
                          "uncertain": bool(p.uncertain)})
+        return pd.DataFrame(rows, columns=[f.name for f in schema.PRIORS])
+    if method == "labels":
+        if labels is None or labels.empty:
+            raise InputError("rollout.prior_selection is 'labels' but no dataset labels were given (--labels)")
+        for sid, T in key:
+            mine = labels[labels["id"] == sid]
+            if mine.empty:
+                raise InputError(f"rollout.prior_selection 'labels': structure {sid} has no labelled trajectory")
+            lab = mine.iloc[int(np.argmin(np.abs(mine["temperature"].to_numpy(float) - T)))]
+            rows.append({**base, "id": sid, "temperature": T, "method": f"labels@{int(lab['temperature'])}K",
+                         "li_slow": bool(lab["slow_li"]), "frame_slow": bool(lab["slow_frame"])})
         return pd.DataFrame(rows, columns=[f.name for f in schema.PRIORS])
     if method != "pilot":
         raise InputError(f"unknown rollout.prior_selection {method!r}")
@@ -140,18 +178,21 @@ def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any,
 
 def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | Path, selector: str | Path | None,
                   propagator: str | Path, corrector: str | Path | None, variant: str, chunk: int,
-                  out_dir: str | Path) -> dict[str, int]:
+                  out_dir: str | Path, labels_path: str | Path | None = None) -> dict[str, int]:
     """LiFlow rollouts (Algorithm 1) for every structure of a chunk at every rollout temperature.
 
     (structure, T) pairs are batched ``rollout.batch_structures`` at a time into one graph. Starts
-    from the relaxed supercell; works without reference MD. Structures whose relaxation failed, or
-    holding an element outside the model's element table, get a status row naming the reason.
-    Writes frames_T<K>.parquet per temperature, status.parquet (schema.FRAMES / STATUS) and
-    priors.parquet (schema.PRIORS: the prior class of each rollout and how it was chosen).
+    from the relaxed supercell (repeated ``rollout.supercell`` times); works without reference MD.
+    Structures whose relaxation failed, or holding an element outside the model's element table,
+    get a status row naming the reason. Frames stream to frames_T<K>.parquet per temperature as
+    they are made (memory does not grow with the number of steps); also writes status.parquet
+    (schema.FRAMES / STATUS), priors.parquet (schema.PRIORS: the prior class of each rollout and
+    how it was chosen) and structures.parquet (the cells rolled out, for the analysis).
+    ``labels_path``: the dataset's labels (rollout.prior_selection: labels).
     """
     from .. import config as cfgmod
     from ..model.train import load_flow
-    from ..rollout import rollout_status_rows, rollout_to_rows
+    from ..rollout import frame_rows, rollout_status_rows
     from ..runtime import resolve_device
 
     rc = cfg["rollout"]
@@ -185,24 +226,42 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | P
                  f"{Path(propagator).name}{' / ' + Path(corrector).name if corrector else ''}")
             continue
         jobs += [(r.id, T, r.split) for T in temps]
-    priors = choose_prior_classes(cfg, rc["prior_selection"], prop, corr, structs, jobs, selector, device, source)
+    labels = schema.read_df(labels_path, "labels") if labels_path else None
+    cells = rolled_out_structures(structs, sorted({j[0] for j in jobs}), rc["supercell"])
+    # the prior class is a property of the material: chosen on the relaxed cell, not the supercell
+    priors = choose_prior_classes(cfg, rc["prior_selection"], prop, corr, structs, jobs, selector, device, source,
+                                  labels)
     classes = {(p.id, int(p.temperature)): (bool(p.li_slow), bool(p.frame_slow)) for p in priors.itertuples()}
-    frames: dict[int, list[dict[str, Any]]] = {int(round(T)): [] for T in temps}
-    done = 0
-    for batch, res, wall in _rollout_batches(cfg, prop, corr, structs, jobs, classes, int(rc["n_steps"]), seeds.ROLLOUT, device):
-        ids, ts = [j[0] for j in batch], [j[1] for j in batch]
-        for row in rollout_to_rows(res, ids, ts, source, dt_ps):
-            frames[row.pop("temperature")].append(row)
-        status_rows += rollout_status_rows(res, ids, ts, source, dt_ps, split=[j[2] for j in batch], wall_s=wall)
-        done += len(batch)
-        log.info("rollout %s chunk %d: %d/%d pairs done (%.1f s for %d)", variant, chunk, done, len(jobs), wall, len(batch))
     prov = provenance(cfg, stage="rollout", variant=variant, chunk=int(chunk),
                       propagator=str(propagator), corrector=str(corrector) if corrector else None)
     out = Path(out_dir)
-    for T, frows in frames.items():
-        schema.write_rows(frows, layout.frames_file(out, T), "frames", prov=prov)
+    writers = {int(round(T)): schema.StreamingWriter(layout.frames_file(out, T), "frames", prov=prov) for T in temps}
+
+    def write_frame(batch: list[tuple[str, float, str]], ptr: list[int], frame: int, x: np.ndarray,
+                    good: np.ndarray) -> None:
+        ids, ts = [j[0] for j in batch], [j[1] for j in batch]
+        for row in frame_rows(frame, x, ptr, [k for k in range(len(batch)) if good[k]], ids, ts, source, dt_ps):
+            writers[row.pop("temperature")].write([row])
+
+    done = 0
+    try:
+        batches = _rollout_batches(cfg, prop, corr, cells, jobs, classes, int(rc["n_steps"]), seeds.ROLLOUT, device,
+                                   on_frame=write_frame)
+        for batch, res, wall in batches:
+            ids, ts = [j[0] for j in batch], [j[1] for j in batch]
+            status_rows += rollout_status_rows(res, ids, ts, source, dt_ps, split=[j[2] for j in batch], wall_s=wall)
+            done += len(batch)
+            log.info("rollout %s chunk %d: %d/%d pairs done (%.1f s for %d)", variant, chunk, done, len(jobs), wall,
+                     len(batch))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for w in writers.values():
+        w.close()
     schema.write_rows(status_rows, out / layout.STATUS, "status", prov=prov)
     schema.write_rows(priors, out / layout.PRIORS, "priors", prov=prov)
+    schema.write_rows(cells.reset_index(), out / layout.STRUCTURES, "structures", prov=prov)
     n_div = sum(r["status"] == "diverged" for r in status_rows)
     return {"pairs": len(jobs), "diverged": n_div}
 

@@ -79,11 +79,21 @@ def run(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, o
         val = train
     slow = None
     if kind == "propagator" and variant == "adaptive":
-        if selector is None:
-            raise InputError("the adaptive prior needs the prior selector (--selector)")
-        structs = schema.read_df(root / layout.STRUCTURES, "structures")
         keys = sorted({(t.id, t.temperature) for t in train + val})
-        slow = slow_map(selector_predictions(selector, structs, keys))
+        if cfg["train"]["prior_classes"] == "labels":  # Appendix D.4: fixed per T from the training MSD
+            labels = schema.read_df(root / layout.LABELS, "labels")
+            slow = {(r.id, int(r.temperature)): (bool(r.slow_li), bool(r.slow_frame)) for r in labels.itertuples()}
+            lost = [k for k in keys if (k[0], int(round(k[1]))) not in slow]
+            if lost:
+                raise SchemaError(f"{root}/labels.parquet has no label for {lost[0][0]} at {lost[0][1]:g} K")
+            log.info("adaptive prior classes from the trajectories' own MSD labels: %s",
+                     {f"{k[0]}@{k[1]}K": ("slow" if v[0] else "fast") for k, v in sorted(slow.items())})
+        else:
+            if selector is None:
+                raise InputError("the adaptive prior needs the prior selector (--selector) unless "
+                                 "train.prior_classes is 'labels'")
+            structs = schema.read_df(root / layout.STRUCTURES, "structures")
+            slow = slow_map(selector_predictions(selector, structs, keys))
     if init_from is not None:  # the model to fine-tune must have an embedding for every element
         from ..model.train import load_flow
 
@@ -124,7 +134,8 @@ def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, 
     from ..io import config_digest, sha256_of
     from ..model.train import RESUMABLE_KEYS
 
-    use_sel = bool(selector and kind == "propagator" and variant == "adaptive")
+    use_sel = bool(selector and kind == "propagator" and variant == "adaptive"
+                   and cfg["train"]["prior_classes"] == "selector")
     stamp = config_digest({
         "data": dataset_fingerprint(dataset_dir), "selector": sha256_of(selector)[:16] if use_sel else None,
         "train": {k: v for k, v in cfg["train"].items() if k not in RESUMABLE_KEYS},

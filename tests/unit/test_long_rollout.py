@@ -1,0 +1,155 @@
+"""Single-material path (paper section 4.3): Δτ in frames, prior classes from the trajectories' own
+MSD labels, supercell rollouts with the Corrector every k steps, frames streamed to Parquet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+from ase.io import write
+
+from liflow_screen import config, layout, schema
+from liflow_screen.errors import ConfigError
+from liflow_screen.geometry import tile
+from liflow_screen.model.painn import FlowModel
+from liflow_screen.model.train import CKPT_FORMAT
+
+SMALL = dict(features=16, radial=8, layers=2)
+
+
+def test_tile_matches_ase_repeat() -> None:
+    a = bulk("LiCl", "rocksalt", a=5.13, cubic=True)
+    a.rattle(0.1, seed=1)
+    ref = a.repeat((2, 1, 3))
+    z, pos, cell = tile(a.numbers, a.positions, a.cell.array, (2, 1, 3))
+    np.testing.assert_array_equal(z, ref.numbers)
+    np.testing.assert_allclose(pos, ref.positions, atol=1e-12)
+    np.testing.assert_allclose(cell, ref.cell.array, atol=1e-12)
+
+
+def test_delta_tau_in_frames() -> None:
+    md = {"timestep_fs": 1.5, "save_every": 10}
+    cfg = config.validate({"md": md, "dataset": {"delta_tau_frames": 67}})
+    assert cfg["dataset"]["delta_tau_ps"] == pytest.approx(1.005)  # the paper's LGPS Δτ: 670 x 1.5 fs
+    assert config.validate(cfg)["dataset"]["delta_tau_ps"] == pytest.approx(1.005)  # resolved config re-validates
+    with pytest.raises(ConfigError, match="disagree"):
+        config.validate({"md": md, "dataset": {"delta_tau_frames": 67, "delta_tau_ps": 1.0}})
+
+
+def test_streaming_writer_atomic(tmp_path) -> None:
+    rows = [{"id": "a", "source": "md", "frame": f, "time_ps": 0.1 * f, "positions": np.full(6, f, np.float32),
+             "energy": None, "temperature_inst": None} for f in range(7)]
+    out = tmp_path / "frames.parquet"
+    with schema.StreamingWriter(out, "frames", prov={"x": 1}, rows_per_group=3) as w:
+        for r in rows:
+            w.write([r])
+        assert not out.exists()  # nothing at the final path until closed
+    t = schema.read_table(out, "frames")
+    assert t.num_rows == 7 and t.column("frame").to_pylist() == list(range(7))
+    assert pq_row_groups(out) == 3 and schema.read_provenance(out) == {"x": 1}
+    bad = tmp_path / "bad.parquet"
+    with pytest.raises(RuntimeError):
+        with schema.StreamingWriter(bad, "frames") as w:
+            w.write(rows[:5])
+            raise RuntimeError("killed")
+    assert not bad.exists() and not list(tmp_path.glob(".bad.parquet.*"))
+
+
+def pq_row_groups(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_row_groups
+
+
+def _checkpoint(path, kind: str, prior: dict, seed: int, dtau: float) -> None:
+    m = FlowModel(**SMALL, seed=seed)
+    torch.save({"format": CKPT_FORMAT, "kind": kind, "variant": "adaptive" if kind == "propagator" else "uniform",
+                "prior": prior, "hparams": m.hparams, "model": m.state_dict(), "delta_tau_ps": dtau}, path)
+
+
+@pytest.fixture(scope="module")
+def own_dataset(tmp_path_factory):
+    """Two 'user' trajectories of rock-salt LiCl (8 atoms, 41 frames 10 fs apart): at 600 K the Li
+    only rattle (slow), at 1000 K they random-walk ~0.35 Å per frame (fast); through the
+    trajectories and dataset stages."""
+    from liflow_screen.stages import dataset, trajectories
+
+    d = tmp_path_factory.mktemp("own")
+    atoms = bulk("LiCl", "rocksalt", a=5.13, cubic=True)
+    li = atoms.numbers == 3
+    rng = np.random.default_rng(0)
+    lines = ["id,path,temperature_K,frame_dt_fs"]
+    for T, step in ((600, 0.0), (1000, 0.35)):
+        walk = np.cumsum(rng.normal(0, step, (41, 8, 3)) * li[None, :, None], axis=0)
+        frames = [Atoms(numbers=atoms.numbers, positions=atoms.positions + w + rng.normal(0, 0.05, (8, 3)),
+                        cell=atoms.cell, pbc=True) for w in walk]
+        write(d / f"run_{T}.extxyz", frames, format="extxyz")
+        lines.append(f"LiCl,run_{T}.extxyz,{T},10")
+    (d / "trajectories.csv").write_text("\n".join(lines) + "\n")
+    cfg = config.validate({"structures": {"source": "trajectories", "path": str(d / "trajectories.csv")},
+                           "md": {"temperatures": [600, 1000], "timestep_fs": 1.0, "save_every": 10},
+                           "dataset": {"delta_tau_frames": 5}})
+    paths = trajectories.run(cfg, d / "trajectories.csv", d / "manifest.parquet", d / "md" / "chunk_00000")
+    md_files = [paths["structures"], paths["status"], paths["frames_T600"], paths["frames_T1000"]]
+    dataset.run(cfg, d / "manifest.parquet", md_files, d / "dataset")
+    return d, cfg
+
+
+def test_labels_are_the_trajectories_own(own_dataset) -> None:
+    d, _ = own_dataset
+    lab = schema.read_df(d / "dataset" / layout.LABELS, "labels").set_index("temperature")
+    assert bool(lab.loc[600, "slow_li"]) and not bool(lab.loc[1000, "slow_li"])
+    assert bool(lab.loc[600, "slow_frame"]) and bool(lab.loc[1000, "slow_frame"])
+
+
+def test_supercell_rollout_streamed_with_label_priors(own_dataset, tmp_path) -> None:
+    """rollout.supercell [2, 1, 1], Corrector every 2nd step, prior classes from the labels at the
+    nearest temperature (900 K -> the 1000 K label): the stage writes the 16-atom cells it rolled
+    out, every frame of every (structure, T) once, and the classes it used."""
+    from liflow_screen.stages import rollout as stage
+
+    d, cfg = own_dataset
+    cfg = config.deep_merge(cfg, {"rollout": {"temperatures": [600, 900], "n_steps": 4, "n_flow": 2,
+                                              "supercell": [2, 1, 1], "corrector_every": 2,
+                                              "prior_selection": "labels"}})
+    cfg = config.validate(cfg)
+    adaptive = {"kind": "adaptive", "prior_li": [1.0, 10.0], "prior_frame": [0.5, 0.5]}
+    _checkpoint(tmp_path / "P.pt", "propagator", adaptive, 1, cfg["dataset"]["delta_tau_ps"])
+    _checkpoint(tmp_path / "C.pt", "corrector", {"kind": "uniform", "scale": 0.1, "sigma_max": 0.1}, 2,
+                cfg["dataset"]["delta_tau_ps"])
+    out = tmp_path / "chunk"
+    stage.run(cfg, d / "manifest.parquet", d / "dataset" / layout.STRUCTURES, None, tmp_path / "P.pt",
+              tmp_path / "C.pt", "adaptive", 0, out, labels_path=d / "dataset" / layout.LABELS)
+    base = schema.read_df(d / "dataset" / layout.STRUCTURES, "structures").iloc[0]
+    cells = schema.read_df(out / layout.STRUCTURES, "structures").iloc[0]
+    z, pos, cell = tile(np.asarray(base["numbers"]), np.asarray(base["positions"]).reshape(-1, 3),
+                        np.asarray(base["cell"]).reshape(3, 3), (2, 1, 1))
+    assert cells["n_atoms"] == 16 and cells["n_li"] == 8
+    np.testing.assert_allclose(np.asarray(cells["positions"]).reshape(-1, 3), pos)
+    np.testing.assert_allclose(np.asarray(cells["cell"]).reshape(3, 3), cell)
+    priors = schema.read_df(out / layout.PRIORS, "priors").set_index("temperature")
+    assert priors.loc[600, "method"] == "labels@600K" and bool(priors.loc[600, "li_slow"])
+    assert priors.loc[900, "method"] == "labels@1000K" and not bool(priors.loc[900, "li_slow"])
+    status = schema.read_df(out / layout.STATUS, "status")
+    for T in (600, 900):
+        fr = schema.read_df(layout.frames_file(out, T), "frames")
+        st = status[status["temperature"] == T].iloc[0]
+        assert len(fr) == st["n_frames"] and sorted(fr["frame"]) == list(range(st["n_frames"]))
+        assert all(len(p) == 48 for p in fr["positions"])
+        np.testing.assert_allclose(np.asarray(fr[fr["frame"] == 0]["positions"].iloc[0]).reshape(-1, 3), pos,
+                                   atol=1e-5)
+        if st["status"] == "ok":
+            assert st["n_frames"] == 5
+    # the Li prior at 900 K is the large one (x10 Maxwell-Boltzmann): its first step moves Li more
+    f600 = schema.read_df(layout.frames_file(out, 600), "frames").sort_values("frame")
+    f900 = schema.read_df(layout.frames_file(out, 900), "frames").sort_values("frame")
+    li = z == 3
+
+    def li_step(f: pd.DataFrame) -> float:
+        a, b = (np.asarray(f["positions"].iloc[i]).reshape(-1, 3) for i in (0, 1))
+        return float(np.sqrt(((b - a)[li] ** 2).sum(-1).mean()))
+
+    assert li_step(f900) > 3 * li_step(f600)
