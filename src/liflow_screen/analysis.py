@@ -173,6 +173,13 @@ PLATEAU_PS = 0.5
 #: initial Li site; the sublattice counts as molten when fewer than MOLTEN_OCCUPANCY of Li positions are.
 SITE_RADIUS_FRACTION = 1.0 / 3.0
 MOLTEN_OCCUPANCY = 0.5
+#: Off-site Li can still be a crystal's Li: in a superionic conductor Li hops into sites that were
+#: vacant in frame 0 (LGPS: 20 Li over 28 partially occupied sites). What sets a liquid apart is
+#: continuous motion: Gaussian displacements, non-Gaussian parameter α2 ≈ 0 at ~1 ps; jumps
+#: between sites give α2 clearly > 0. The lag (ps) and the α2 below which Li motion counts as
+#: continuous:
+NON_GAUSSIAN_LAG_PS = 1.0
+CONTINUOUS_ALPHA2 = 0.3
 #: Framework melting / collapse: an element's excess MSD reaching this fraction of its site spacing, squared
 #: (on average halfway to the nearest equivalent site: no longer on its own).
 FRAME_MELT_FRACTION = 0.5
@@ -256,6 +263,40 @@ def site_occupancy(pos: np.ndarray, cell: np.ndarray, mask: np.ndarray | Sequenc
         hits += int(near.sum())
         total += near.size
     return hits / total if total else math.nan
+
+
+def remove_framework_drift(pos: np.ndarray, frame_mask: np.ndarray | Sequence[bool]) -> np.ndarray:
+    """Positions (F, N, 3) Å with the framework's mean displacement from frame 0 subtracted from every
+    atom (the drift correction kinisi applies to D*). With the total centre of mass fixed, diffusing Li
+    move the framework's centre the other way (by M_Li/M_frame times the Li centre's displacement);
+    site, melting and resolution tests are about motion relative to the framework. Unchanged when
+    there are no framework atoms."""
+    x = _as_traj(pos)
+    m = _as_mask(frame_mask, x.shape[1])
+    if not m.any():
+        return x
+    drift = (x[:, m] - x[:1, m]).mean(axis=1)                  # (F, 3)
+    return x - drift[:, None, :]
+
+
+def non_gaussian_parameter(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
+                           lag_ps: float = NON_GAUSSIAN_LAG_PS) -> float:
+    """Non-Gaussian parameter α2 = 3⟨Δr⁴⟩ / (5⟨Δr²⟩²) − 1 of the ``mask`` atoms' displacements over
+    the smallest lag >= ``lag_ps`` (ps), averaged over every time origin (Rahman 1964).
+
+    0 for Gaussian displacements (harmonic vibration, continuous Brownian motion); clearly > 0 when
+    atoms jump between sites and rest in between. NaN when the trajectory is shorter than the lag.
+    """
+    x = _as_traj(pos)
+    m = _as_mask(mask, x.shape[1])
+    step = frame_step_ps(np.asarray(times_ps, dtype=np.float64))
+    k = max(1, int(math.ceil(lag_ps / step - 1e-6)))
+    if k >= x.shape[0] or not m.any():
+        return math.nan
+    d = x[k:, m] - x[:-k, m]
+    r2 = np.einsum("tak,tak->ta", d, d)
+    m2 = float(r2.mean())
+    return 3.0 * float((r2 ** 2).mean()) / (5.0 * m2 ** 2) - 1.0 if m2 > 0 else math.nan
 
 
 def framework_melt_ratio(pos: np.ndarray, times_ps: np.ndarray, numbers: np.ndarray, cell: np.ndarray,

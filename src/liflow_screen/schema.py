@@ -55,7 +55,7 @@ STRUCTURES = pa.schema([
     ("desc_li", pa.list_(pa.float32())),    # mean invariant features of Li atoms
     ("desc_frame", pa.list_(pa.float32())), # mean invariant features of non-Li atoms
     ("energy", pa.float64()),               # eV, after relaxation
-    ("relax_status", pa.string()),          # ok | not_converged | failed: <reason>
+    ("relax_status", pa.string()),          # ok | not_converged | failed: <reason> | skipped: <reason>
 ])
 
 #: Trajectory frames (reference MD and LiFlow rollouts share it). Partitioned by

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from liflow_screen import analysis as an
+from liflow_screen import config
 from liflow_screen.errors import InputError
 
 
@@ -260,3 +261,77 @@ def test_log_msd_metrics():
     assert m["spearman"] == pytest.approx(1.0)
     m2 = an.log_msd_metrics(ref[:4], gen[:4][::-1])
     assert m2["spearman"] == pytest.approx(-1.0)
+
+
+def _vacancy_lattice_gas(n_frames: int = 31, dt: float = 1.0, rate: float = 0.6, seed: int = 0):
+    """Li on 24 of the 64 sites of a simple cubic lattice (a = 3 Å, 12 Å box), hopping at ``rate``
+    per ps into vacant neighbour sites only (site exclusion), with 0.15 Å vibration; 64 frame atoms
+    on the body centres. A superionic crystal in miniature: the Li sit on sites, but on sites that
+    were empty in frame 0. Returns (positions (F, 88, 3) Å, numbers, cell)."""
+    rng = np.random.default_rng(seed)
+    n, a = 4, 3.0
+    sites = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    occ = list(rng.choice(len(sites), 24, replace=False))
+    img = np.zeros((24, 3))  # lattice images crossed (unwrapped)
+    index = {tuple(s): i for i, s in enumerate(sites)}
+    frames = []
+    for f in range(n_frames):
+        frames.append((sites[occ] + img * n) * a)
+        for _ in range(rng.poisson(rate * dt * 24)):
+            k = int(rng.integers(24))
+            d = np.zeros(3, int)
+            d[rng.integers(3)] = rng.choice((-1, 1))
+            new = sites[occ[k]] + d
+            j = index[tuple(new % n)]
+            if j not in occ:
+                occ[k], img[k] = j, img[k] + (new // n)
+    li = np.stack(frames) + rng.normal(0, 0.15, (n_frames, 24, 3))
+    fr = (sites * a + a / 2)[None] + rng.normal(0, 0.08, (n_frames, 64, 3))
+    return np.concatenate([li, fr], 1), np.array([3] * 24 + [8] * 64), np.eye(3) * n * a
+
+
+def test_vacancy_hopping_is_not_a_molten_li_sublattice():
+    """Li hopping into sites that were vacant in frame 0 leave their initial sites (occupancy < 0.5,
+    which alone would read as a liquid) but move by jumps (α2 >> 0): not li_molten. Continuous
+    Brownian Li in the same frame: α2 ≈ 0, li_molten."""
+    from liflow_screen.report.trajectory import analyze_trajectory
+
+    cfg = config.validate({})["analysis"]
+    pos, nums, cell = _vacancy_lattice_gas()
+    t = np.arange(len(pos)) * 1.0
+    li = nums == 3
+    assert an.site_occupancy(pos, cell, li, 1.0) < 0.5
+    a2 = an.non_gaussian_parameter(pos, t, li)
+    assert a2 > 2 * an.CONTINUOUS_ALPHA2
+    row = analyze_trajectory(pos, t, nums, cell, cfg, diffusion=False)
+    assert row["li_site_occupancy"] < 0.5 and not row["li_molten"] and not row["frame_melted"]
+    rng = np.random.default_rng(1)
+    brown = pos.copy()
+    brown[:, li] = pos[0, li] + np.cumsum(rng.normal(0, np.sqrt(2 * 0.6), (len(pos), 24, 3)), axis=0)
+    brown[:, li] -= brown[0, li] - pos[0, li]
+    assert abs(an.non_gaussian_parameter(brown, t, li)) < an.CONTINUOUS_ALPHA2 / 2
+    assert analyze_trajectory(brown, t, nums, cell, cfg, diffusion=False)["li_molten"]
+    # Gaussian displacements: α2 of a pure random walk is 0 within sampling noise, whatever the lag
+    walk = np.cumsum(rng.normal(0, 1.0, (200, 50, 3)), axis=0)
+    for lag in (1.0, 5.0):
+        assert abs(an.non_gaussian_parameter(walk, np.arange(200.0), np.ones(50, bool), lag)) < 0.05
+
+
+def test_framework_drift_is_not_melting():
+    """A rigid framework whose centre drifts (the recoil of diffusing Li when the total centre of mass
+    is fixed, as in LiFlow rollouts) is intact: remove_framework_drift takes it out exactly, and the
+    melting test sees no excess; the same drift left in would read as a melted framework."""
+    from liflow_screen.report.trajectory import analyze_trajectory
+
+    pos, nums, cell = _vacancy_lattice_gas(rate=0.0)
+    t = np.arange(len(pos)) * 1.0
+    rng = np.random.default_rng(3)
+    drift = np.cumsum(rng.normal(0, 0.6, (len(pos), 3)), axis=0)
+    drift -= drift[0]
+    moved = pos + drift[:, None, :]
+    frame = nums != 3
+    np.testing.assert_allclose(an.remove_framework_drift(moved, frame), pos, atol=0.1)
+    assert an.framework_melt_ratio(moved, t, nums, cell, frame) >= 1.0  # drift alone would flag it
+    row = analyze_trajectory(moved, t, nums, cell, config.validate({})["analysis"], diffusion=False)
+    assert not row["frame_melted"] and row["frame_melt_ratio"] < 0.2 and not row["li_molten"]
+    assert not row["li_resolved"]  # the Li only vibrate on their sites

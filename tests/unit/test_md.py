@@ -209,3 +209,30 @@ def test_chgnet_short_md():
     res = integrate.run_trajectory("li2o", li2o(), 800.0, settings, P.EnergyForcesCalculator(pot))
     assert res.status == "ok" and res.n_frames == 3
     assert np.all(res.energies / 12 < -3.0) and np.ptp(res.energies) < 1.0
+
+
+def test_published_only_screening_skips_relaxing_what_nothing_rolls_out(tiny, tmp_path):
+    """With only the published models to roll out (no training), a row without MD holding an element
+    outside their table (Br) keeps its unrelaxed cell, flagged "skipped", and costs no relaxation;
+    the covered row is relaxed as always. A row WITH MD is relaxed whatever its elements."""
+    cfg = config.deep_merge(cfg_of(relax_steps=3), {"train": {"variants": []},
+                                                    "pretrained": {"propagator": "P_universal"}})
+    cfg = config.validate(cfg)
+    libr = bulk("LiBr", "rocksalt", a=5.50, cubic=True)
+    libr.rattle(0.05, seed=2)
+    man = pd.DataFrame([row("LiBr", libr, run_md=False), row("Li2O", li2o(), run_md=False),
+                        row("LiBr-md", libr, run_md=True)])
+    calls = []
+    orig = md_stage.relax
+    try:
+        md_stage.relax = lambda atoms, *a, **k: (calls.append(atoms.get_chemical_formula()), orig(atoms, *a, **k))[1]
+        paths = md_stage.run(cfg, man, 0, tmp_path, potential=tiny, progress=False)
+    finally:
+        md_stage.relax = orig
+    st = schema.read_df(paths["structures"], "structures").set_index("id")
+    assert st.loc["LiBr", "relax_status"] == "skipped: Br outside the published models' element table"
+    unrelaxed = build_supercell(man.iloc[0])  # the cell as built from the manifest's CIF
+    np.testing.assert_allclose(np.asarray(st.loc["LiBr", "positions"]).reshape(-1, 3), unrelaxed.positions)
+    assert not st.loc["Li2O", "relax_status"].startswith("skipped")
+    assert not st.loc["LiBr-md", "relax_status"].startswith("skipped")
+    assert sorted(calls) == sorted(["Li8O4", libr.get_chemical_formula()])  # LiBr (no MD) never relaxed

@@ -252,6 +252,24 @@ def element_rows_from_file(path: str | os.PathLike[str], n_elements: int) -> np.
     return rows
 
 
+#: Embedding rows of every published checkpoint (their ``n_elements``).
+PUBLISHED_N_ELEMENTS = 77
+
+
+def screening_elements(cfg: dict[str, Any]) -> frozenset[int] | None:
+    """Atomic numbers a published-models-only screening can roll out (the built-in table, or
+    ``pretrained.element_index``); None when something else also uses every structure (trained
+    variants), so every structure needs its relaxation. The rollout stage still checks each
+    checkpoint's own trained rows; this is the upper bound the md stage uses to skip relaxations
+    nothing would use."""
+    pre, tr = cfg["pretrained"], cfg["train"]
+    if not pre["propagator"] or tr["variants"]:
+        return None
+    rows = (element_rows_from_file(pre["element_index"], PUBLISHED_N_ELEMENTS) if pre["element_index"]
+            else builtin_element_rows())
+    return frozenset(int(z) for z in np.flatnonzero(rows >= 0))
+
+
 # --------------------------------------------------------------------------- import
 def _check_buffers(state: dict[str, torch.Tensor], hp: dict[str, Any], src: Path) -> None:
     """The reference's fixed buffers must be those FlowModel computes from the hyper-parameters."""

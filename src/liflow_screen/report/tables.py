@@ -31,13 +31,13 @@ ANALYSIS_COLUMNS = (
     "msd_li", "msd_frame", "msd_t_ps", "msd_li_curve", "msd_frame_curve",
     "li_hop_A", "li_msd_plateau", "li_msd_excess", "li_tau_obs_ps", "li_resolved",
     "D_li", "D_li_low", "D_li_high", "D_li_bound", "D_method", "D_note",
-    "li_site_occupancy", "li_molten", "frame_melt_ratio", "frame_melted",
+    "li_site_occupancy", "li_alpha2", "li_molten", "frame_melt_ratio", "frame_melted",
     "rdf", "rdf_r_max", "status", "stable",
 )
 
 
 NUMERIC_COLUMNS = ("duration_ps", "msd_li", "msd_frame", "li_hop_A", "li_msd_plateau", "li_msd_excess",
-                   "li_tau_obs_ps", "D_li", "D_li_low", "D_li_high", "D_li_bound", "li_site_occupancy",
+                   "li_tau_obs_ps", "D_li", "D_li_low", "D_li_high", "D_li_bound", "li_site_occupancy", "li_alpha2",
                    "frame_melt_ratio", "rdf_r_max")
 
 

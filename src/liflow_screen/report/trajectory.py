@@ -31,9 +31,14 @@ def analyze_trajectory(
       length squared (a = shortest Li–Li distance of frame 0; :func:`analysis.diffusion_resolution`).
       Only then is kinisi run; otherwise D_li_bound = a²/(6 τ_obs) (method "bound:hop").
     * li_molten: fewer than half of the Li positions (second half of the trajectory) within a/3 of an
-      initial Li site (:func:`analysis.site_occupancy`): a liquid-like Li sublattice.
+      initial Li site (:func:`analysis.site_occupancy`) AND continuous Li motion: non-Gaussian
+      parameter α2 at ~1 ps below ``analysis.CONTINUOUS_ALPHA2`` (:func:`analysis.non_gaussian_parameter`).
+      Off-site Li that move by jumps are a superionic crystal's Li hopping into sites empty in
+      frame 0 (LGPS), not a liquid.
     * frame_melted: some frame element's excess MSD reached (a_e/2)², a_e its shortest same-element
       distance (:func:`analysis.framework_melt_ratio`): the framework melted or came apart.
+    These three tests see positions relative to the framework (:func:`analysis.remove_framework_drift`):
+    a framework that only drifts as a whole (its centre recoiling from diffusing Li) is intact.
 
     ``analysis_cfg`` is the ``analysis`` config section (kinisi_n_dt, kinisi_samples, rdf_rmax,
     rdf_bins, rdf_discard).
@@ -65,16 +70,21 @@ def analyze_trajectory(
         "li_resolved": False,
         "D_li": math.nan, "D_li_low": math.nan, "D_li_high": math.nan, "D_li_bound": math.nan,
         "D_method": "skipped", "D_note": "",
-        "li_site_occupancy": math.nan, "li_molten": False, "frame_melt_ratio": math.nan, "frame_melted": False,
+        "li_site_occupancy": math.nan, "li_alpha2": math.nan, "li_molten": False, "frame_melt_ratio": math.nan, "frame_melted": False,
     }
     if n_frames >= 3:
-        res = an.diffusion_resolution(x, t, li, hop)
+        # resolution, site and melting tests relative to the framework (as kinisi's D*)
+        xf = an.remove_framework_drift(x, frame)
+        res = an.diffusion_resolution(xf, t, li, hop)
         row.update({"li_msd_plateau": res["plateau"], "li_msd_excess": res["excess"],
                     "li_tau_obs_ps": res["tau_obs_ps"], "li_resolved": bool(res["resolved"])})
-        occ = an.site_occupancy(x, c, li, an.SITE_RADIUS_FRACTION * hop)
-        row.update({"li_site_occupancy": occ, "li_molten": bool(occ < an.MOLTEN_OCCUPANCY)})
+        occ = an.site_occupancy(xf, c, li, an.SITE_RADIUS_FRACTION * hop)
+        a2 = an.non_gaussian_parameter(xf, t, li)
+        continuous = not (math.isfinite(a2) and a2 >= an.CONTINUOUS_ALPHA2)
+        row.update({"li_site_occupancy": occ, "li_alpha2": a2,
+                    "li_molten": bool(occ < an.MOLTEN_OCCUPANCY and continuous)})
         if frame.any():
-            ratio = an.framework_melt_ratio(x, t, nums, c, frame)
+            ratio = an.framework_melt_ratio(xf, t, nums, c, frame)
             row.update({"frame_melt_ratio": ratio, "frame_melted": bool(np.isfinite(ratio) and ratio >= 1.0)})
     if diffusion and n_frames < 4:
         row["D_method"] = "insufficient_frames"

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from ase import Atoms
+from ase.data import chemical_symbols
 
 from .. import layout, schema
 from ..constants import LI_Z
@@ -52,7 +53,10 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
 
     ``cfg`` is the validated config; ``manifest`` the manifest table or its Parquet file.
     Descriptors are computed for ALL rows; MD (every ``md.temperatures``) only for rows with
-    ``run_md``. Returns the written paths by name.
+    ``run_md``. In a published-models-only screening, a row without MD holding an element outside
+    the models' element table is not relaxed (nothing would roll it out): its row keeps the
+    unrelaxed supercell with relax_status "skipped: ...", and the rollout stage reports the element.
+    Returns the written paths by name.
     """
     from tqdm.auto import tqdm
 
@@ -74,6 +78,9 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
     if potential is None:
         potential = load_potential(md)
 
+    from ..model.published import screening_elements
+
+    usable = screening_elements(cfg)
     struct_rows: list[dict[str, Any]] = []
     status_rows: list[dict[str, Any]] = []
     split_of: dict[str, str] = {}
@@ -94,6 +101,17 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
         except InputError as exc:
             for t in temps if run_md else []:
                 status_rows.append(status_row(sid, split, t, "error", str(exc)))
+            continue
+        outside = sorted(set(atoms0.get_chemical_symbols()) - {chemical_symbols[z] for z in usable}) if (
+            usable is not None and not run_md) else []
+        if outside:
+            z0 = atoms0.get_atomic_numbers()
+            struct_rows.append({
+                "id": sid, "reduced_formula": str(_row_get(row, "reduced_formula", atoms0.get_chemical_formula("hill", empirical=True))),
+                "split": split, "numbers": z0.astype(np.int16).tolist(), "cell": atoms0.cell.array.reshape(-1).tolist(),
+                "positions": atoms0.get_positions().reshape(-1).tolist(), "n_atoms": len(atoms0),
+                "n_li": int((z0 == LI_Z).sum()), "desc_li": [], "desc_frame": [], "energy": float("nan"),
+                "relax_status": f"skipped: {', '.join(outside)} outside the published models' element table"})
             continue
         rpath = ckpt_dir / f"relax_{safe_name(sid)}.pkl"
         rfp = hashlib.sha256(json.dumps([str(row["cif"]), [int(r) for r in _row_get(row, "supercell", (1, 1, 1))],

@@ -225,6 +225,9 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | P
                  f"element{'s' if len(missing) > 1 else ''} {', '.join(missing)} not in the element table of "
                  f"{Path(propagator).name}{' / ' + Path(corrector).name if corrector else ''}")
             continue
+        if str(st["relax_status"]).startswith("skipped"):  # never relaxed: not a starting point
+            skip(r.id, r.split, "relax_skipped", str(st["relax_status"]))
+            continue
         jobs += [(r.id, T, r.split) for T in temps]
     labels = schema.read_df(labels_path, "labels") if labels_path else None
     cells = rolled_out_structures(structs, sorted({j[0] for j in jobs}), rc["supercell"])
