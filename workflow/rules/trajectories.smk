@@ -1,9 +1,24 @@
 # Bring your own trajectories (structures.source: trajectories): the user's trajectory files,
 # listed in the CSV at structures.path, become the structures manifest and one MD-chunk folder,
 # in place of the structures and md rules.
+import csv as _csv
+
+
+def trajectory_files(wildcards):
+    """The trajectory files the CSV lists (declared, so a changed file re-runs the chain)."""
+    table = Path(CFG["structures"]["path"])
+    if not table.is_file():
+        return []
+    with open(table, newline="") as fh:
+        return [
+            str(table.parent / r["path"]) for r in _csv.DictReader(fh) if r.get("path")
+        ]
+
+
 checkpoint structures:
     input:
         table=CFG["structures"]["path"],
+        files=trajectory_files,
     output:
         manifest=f"{R}/structures/manifest.parquet",
         structures=f"{R}/md/chunk_00000/structures.parquet",
