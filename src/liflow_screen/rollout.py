@@ -308,20 +308,6 @@ def frame_rows(frame: int, positions: np.ndarray, ptr: Sequence[int], graphs: Se
             for k in graphs]
 
 
-def rollout_to_rows(result: RolloutResult, ids: Sequence[str], temperatures: Sequence[float], source: str,
-                    dt_ps: float) -> list[dict]:
-    """``schema.FRAMES`` rows (frames 0..n_ok_steps of every graph; see :func:`frame_rows`)."""
-    n_graphs = len(result.reason)
-    if len(ids) != n_graphs or len(temperatures) != n_graphs:
-        raise InputError(f"need {n_graphs} ids and temperatures, got {len(ids)} and {len(temperatures)}")
-    rows: list[dict] = []
-    for k in range(n_graphs):
-        traj = result.trajectory(k)
-        for f in range(traj.shape[0]):
-            rows += frame_rows(f, traj[f], [0, traj.shape[1]], [0], [ids[k]], [temperatures[k]], source, dt_ps)
-    return rows
-
-
 def rollout_status_rows(result: RolloutResult, ids: Sequence[str], temperatures: Sequence[float], source: str,
                         dt_ps: float, split: str | Sequence[str] = "test", wall_s: float | None = None) -> list[dict]:
     """``schema.STATUS`` rows, one per graph: status ok | diverged, n_frames, duration_ps.

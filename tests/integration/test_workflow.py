@@ -137,7 +137,7 @@ def test_end_to_end_outputs(reference_run):
 def test_kill_and_resume_identical_without_recompute(reference_run, tmp_path):
     ref_dir, _ = reference_run
     d = make_project(tmp_path / "wf_kill")
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(d), "--configfile", str(d / "tiny.yaml"), "--cores", "1"]
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(d), "--configfile", str(d / "tiny.yaml"), "--cores", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = d / "results" / "md" / "chunk_00000" / "status.parquet"
     deadline = time.time() + 600

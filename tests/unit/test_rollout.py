@@ -12,7 +12,7 @@ from liflow_screen.geometry import center_of_mass
 from liflow_screen.model.graph import GraphBatch, make_batch
 from liflow_screen.model.painn import Conditioning, FlowModel
 from liflow_screen.model.priors import prior_sigma, sample_prior
-from liflow_screen.rollout import rollout, rollout_status_rows, rollout_to_rows, subset_batch
+from liflow_screen.rollout import frame_rows, rollout, rollout_status_rows, subset_batch
 
 SMALL = dict(features=16, radial=8, layers=2)
 
@@ -192,12 +192,19 @@ def test_regressor_single_call_with_zero_input() -> None:
 def test_rows_match_schema_and_bad_input() -> None:
     g = batch_of(crystals(6), [700.0, 1234.0])
     sp = prior_sigma(g, "uniform")
+    stored = rollout(BlowUp(1234.0, float("nan"), **SMALL), None, g, sp, None, n_steps=2, n_flow=2,
+                     generator=gens(1, 2), retries=0)
+    rows: list[dict] = []
+    ptr = g.ptr.tolist()
     res = rollout(BlowUp(1234.0, float("nan"), **SMALL), None, g, sp, None, n_steps=2, n_flow=2,
-                  generator=gens(1, 2), retries=0)
-    rows = rollout_to_rows(res, ["a", "b"], [700.0, 1234.0], "liflow:adaptive", dt_ps=1.0)
+                  generator=gens(1, 2), retries=0,
+                  on_frame=lambda f, x, ok: rows.extend(frame_rows(f, x, ptr, [k for k in (0, 1) if ok[k]], ["a", "b"],
+                                                                   [700.0, 1234.0], "liflow:adaptive", 1.0)))
+    rows.sort(key=lambda r: (r["id"], r["frame"]))
     assert [(r["id"], r["frame"]) for r in rows] == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
     assert rows[2]["time_ps"] == 2.0 and rows[2]["positions"].shape == (8 * 3,)
-    np.testing.assert_array_equal(rows[2]["positions"], res.positions[2, :8].numpy().ravel())
+    assert {r.pop("temperature") for r in rows} == {700, 1234}
+    np.testing.assert_array_equal(rows[2]["positions"], stored.positions[2, :8].numpy().ravel())
     table = schema.to_table(rows, "frames")
     assert table.schema.equals(schema.FRAMES) and table.num_rows == 4
     status = rollout_status_rows(res, ["a", "b"], [700.0, 1234.0], "liflow:adaptive", 1.0, split="test")
