@@ -331,3 +331,21 @@ def test_report_stage_runs_without_torch(dataset, tmp_path):
     ref = pd.read_csv(write_reports([root / "analysis.parquet"], root / "structures.parquet",
                                     [root / "status.parquet"], None, tmp_path / "ref", dataset["cfg"])["ranking"])
     pd.testing.assert_frame_equal(rk, ref)
+
+
+def test_diffusivity_by_source_md_beside_liflow(dataset):
+    """diffusivity.csv: one row per (structure, source) that has trajectories; s3's reference MD (frame
+    melts at 1200 K) is fitted from 800 and 1000 K, beside its rollouts' fit from all three; both hold
+    the true E_A = 0.30 eV in their 95 % interval."""
+    from liflow_screen.report.ranking import diffusivity_by_source
+
+    df = dataset["table"]
+    structs = schema.read_df(dataset["root"] / "structures.parquet", "structures")
+    out = diffusivity_by_source(df, structs, schema.read_df(dataset["root"] / "status.parquet", "status"))
+    assert sorted(zip(out["id"], out["source"])) == sorted({(k[0], k[2]) for k in PLAN})
+    s3 = out[out["id"] == "s3"].set_index("source")
+    assert s3.loc["md", "arrhenius_T"] == "800;1000" and "md_melts_from_1200K" in s3.loc["md", "flags_1200K"]
+    assert s3.loc["liflow:adaptive", "status"] == "fitted" and s3.loc["md", "status"] == "fitted"
+    for src in ("md", "liflow:adaptive"):
+        assert s3.loc[src, "E_A_eV_low"] < 0.30 < s3.loc[src, "E_A_eV_high"], src
+    assert "rank" not in out.columns

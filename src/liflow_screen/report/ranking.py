@@ -196,12 +196,14 @@ def diffusivity_by_source(analysis_table: pd.DataFrame, structures_table: pd.Dat
     """D*(T) and the Arrhenius E_A of every structure from EVERY trajectory source side by side (the
     reference or user MD, each LiFlow variant): one row per (structure, source), the per-source
     columns of :func:`compute_ranking` (D_<T>K[_low|_high|_bound], D_method_<T>K, flags_<T>K,
-    E_A_eV[_low|_high] with its 95 % interval, arrhenius_T, status, reason), with no ranks."""
+    E_A_eV[_low|_high] with its 95 % interval, arrhenius_T, status, reason), with no ranks; only
+    the (structure, source) pairs that have trajectories."""
     keep_prefix = ("D_pred_", "D_method_", "flags_")
     parts = []
     for src in sorted(set(analysis_table["source"])):
         sub = analysis_table[analysis_table["source"] == src]
         rk, _ = compute_ranking(sub, structures_table, status_table, None, target_T, src)
+        rk = rk[rk["id"].isin(set(sub["id"]))]  # only structures with trajectories of this source
         cols = ["id", "formula", "source"] + [c for c in rk.columns if c.startswith(keep_prefix)] + [
             "arrhenius_T", "arrhenius_n_T", "E_A_eV", "E_A_eV_low", "E_A_eV_high", "status", "reason"]
         parts.append(rk[[c for c in cols if c in rk.columns]].rename(
