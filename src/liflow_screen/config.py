@@ -46,7 +46,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("config must be a mapping of keys to values")
     cfg = copy.deepcopy(config)
-    given_dtau_ps = (cfg.get("dataset") or {}).get("delta_tau_ps") if isinstance(cfg.get("dataset"), dict) else None
+    dataset = cfg.get("dataset")
+    given_dtau_ps = dataset.get("delta_tau_ps") if isinstance(dataset, dict) else None
     sch = schema()
     _fill_defaults(cfg, sch)
     validator = jsonschema.Draft202012Validator(sch)

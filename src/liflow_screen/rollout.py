@@ -286,13 +286,14 @@ def rollout(
                 on_frame(step + 1, frame.numpy(), (~diverged).numpy())
             else:
                 positions[step + 1] = frame
-    # frames after a frozen graph's last good step repeat that frame
+    # stored frames after a frozen graph's last good step repeat that frame
     ptr = g0.ptr.cpu()
-    for k in range(n_graphs if not stream else 0):
-        last = int(n_ok[k])
-        if last < n_steps:
-            lo, hi = int(ptr[k]), int(ptr[k + 1])
-            positions[last + 1:, lo:hi] = positions[last, lo:hi]
+    if not stream:
+        for k in range(n_graphs):
+            last = int(n_ok[k])
+            if last < n_steps:
+                lo, hi = int(ptr[k]), int(ptr[k + 1])
+                positions[last + 1:, lo:hi] = positions[last, lo:hi]
     return RolloutResult(positions=positions, n_ok_steps=n_ok, diverged=diverged, reason=reason, ptr=ptr,
                          n_retries=n_retries, wall_s=time.perf_counter() - t_start, streamed=stream)
 

@@ -191,18 +191,13 @@ class StreamingWriter:
 
     def __init__(self, path: str | Path, kind: str, prov: dict[str, Any] | None = None, zstd_level: int = 3,
                  rows_per_group: int = 2048) -> None:
-        import tempfile
-
-        self.path, self.kind, self.rows_per_group = Path(path), kind, int(rows_per_group)
+        self.kind, self.rows_per_group = kind, int(rows_per_group)
         self.schema = _with_meta(SCHEMAS[kind], prov, kind)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self._atomic = atomic_path(path)  # the same temp-file-then-rename as every other writer
+        self.tmp = self._atomic.__enter__()
         self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd", compression_level=zstd_level,
                                         **_writer_options(SCHEMAS[kind]))
         self._buf: list[dict[str, Any]] = []
-        self.n_rows = 0
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self._buf += rows
@@ -212,17 +207,17 @@ class StreamingWriter:
     def _flush(self) -> None:
         if self._buf:
             self._writer.write_table(to_table(self._buf, self.kind).replace_schema_metadata(self.schema.metadata))
-            self.n_rows += len(self._buf)
             self._buf = []
 
     def close(self) -> None:
         self._flush()
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        self._atomic.__exit__(None, None, None)  # rename onto the final path
 
     def abort(self) -> None:
         self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        exc = RuntimeError("streaming write aborted")
+        self._atomic.__exit__(type(exc), exc, None)  # removes the temp file
 
     def __enter__(self) -> "StreamingWriter":
         return self

@@ -46,6 +46,17 @@ def _row_get(row: pd.Series, key: str, default: Any = None) -> Any:
     return default if val is None or (isinstance(val, float) and math.isnan(val)) else val
 
 
+def _structure_row(sid: str, split: str, row: pd.Series, atoms: Atoms, desc_li: list, desc_frame: list,
+                   energy: float, relax_status: str) -> dict[str, Any]:
+    """The STRUCTURES row of one manifest row's (relaxed or not) supercell ``atoms`` (Å, eV)."""
+    numbers = atoms.get_atomic_numbers()
+    return {"id": sid, "reduced_formula": str(_row_get(row, "reduced_formula", atoms.get_chemical_formula("hill", empirical=True))),
+            "split": split, "numbers": numbers.astype(np.int16).tolist(),
+            "cell": atoms.cell.array.reshape(-1).tolist(), "positions": atoms.get_positions().reshape(-1).tolist(),
+            "n_atoms": len(atoms), "n_li": int((numbers == LI_Z).sum()),
+            "desc_li": desc_li, "desc_frame": desc_frame, "energy": energy, "relax_status": relax_status}
+
+
 def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, out_dir: Path,
               potential: Potential | None = None, progress: bool = True,
               frame_callback: FrameCallback | None = None) -> dict[str, Path]:
@@ -105,13 +116,9 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
         outside = sorted(set(atoms0.get_chemical_symbols()) - {chemical_symbols[z] for z in usable}) if (
             usable is not None and not run_md) else []
         if outside:
-            z0 = atoms0.get_atomic_numbers()
-            struct_rows.append({
-                "id": sid, "reduced_formula": str(_row_get(row, "reduced_formula", atoms0.get_chemical_formula("hill", empirical=True))),
-                "split": split, "numbers": z0.astype(np.int16).tolist(), "cell": atoms0.cell.array.reshape(-1).tolist(),
-                "positions": atoms0.get_positions().reshape(-1).tolist(), "n_atoms": len(atoms0),
-                "n_li": int((z0 == LI_Z).sum()), "desc_li": [], "desc_frame": [], "energy": float("nan"),
-                "relax_status": f"skipped: {', '.join(outside)} outside the published models' element table"})
+            struct_rows.append(_structure_row(
+                sid, split, row, atoms0, [], [], float("nan"),
+                f"skipped: {', '.join(outside)} outside the published models' element table"))
             continue
         rpath = ckpt_dir / f"relax_{safe_name(sid)}.pkl"
         rfp = hashlib.sha256(json.dumps([str(row["cif"]), [int(r) for r in _row_get(row, "supercell", (1, 1, 1))],
@@ -132,15 +139,8 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
                    "desc_li": desc_li, "desc_frame": desc_frame}
             save_pickle(rpath, rec)
         relaxed = Atoms(numbers=rec["numbers"], positions=rec["positions"], cell=rec["cell"], pbc=True)
-        numbers = relaxed.get_atomic_numbers()
-        struct_rows.append({
-            "id": sid, "reduced_formula": str(_row_get(row, "reduced_formula", relaxed.get_chemical_formula("hill", empirical=True))),
-            "split": split, "numbers": numbers.astype(np.int16).tolist(),
-            "cell": relaxed.cell.array.reshape(-1).tolist(), "positions": relaxed.get_positions().reshape(-1).tolist(),
-            "n_atoms": len(relaxed), "n_li": int((numbers == LI_Z).sum()),
-            "desc_li": rec["desc_li"], "desc_frame": rec["desc_frame"], "energy": rec["energy"],
-            "relax_status": rec["status"],
-        })
+        struct_rows.append(_structure_row(sid, split, row, relaxed, rec["desc_li"], rec["desc_frame"], rec["energy"],
+                                          rec["status"]))
         if not run_md:
             continue
         if rec["status"].startswith("failed"):
