@@ -129,9 +129,11 @@ def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 def _args_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["propagator", "corrector"], default=None,
-                   help="import the config's pretrained.<kind> (resolved: explicit path, cache, download)")
+                   help="import the config's pretrained.<kind> (resolved: explicit path, cache, the "
+                        "shipped copy of the universal models, download)")
     p.add_argument("--name", default=None, help="a published model (P_universal, C_universal, P_LGPS, ...)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a Lightning .ckpt file to import")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a Lightning .ckpt file to import (or an already imported .pt: copied)")
     p.add_argument("--element-index", type=Path, default=None, help="the dataset's element_index.npy")
     p.add_argument("--delta-tau-ps", type=float, default=None, help="Δτ of the model, ps (known for published files)")
     p.add_argument("--out", required=True, type=Path, help="flow-model checkpoint (.pt) to write")

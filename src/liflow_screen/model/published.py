@@ -16,6 +16,14 @@ renamed to :class:`~liflow_screen.model.painn.FlowModel` (whose conventions matc
 table (Z -> embedding row), the prior settings, Δτ, and provenance (source file, SHA-256, license,
 settings the checkpoint implies).
 
+Shipped copies: the universal Propagator and Corrector (``P_universal``, ``C_universal``) ship with
+the package, already imported (``data/models/*.pt``, with the authors' LICENSE and a
+``PROVENANCE.json`` recording the source files' SHA-256 and the shipped files' SHA-256; made by
+``scripts/ship_published_models.py``). Resolution (:func:`resolve_published`): an explicit path,
+else the cache, else the shipped copy, else a download (so the single-material models, which do not
+ship, still download). :func:`import_checkpoint` accepts an already imported checkpoint such as a
+shipped copy: it copies it (re-tabling the elements if an ``element_index`` is given).
+
 Element table: embedding rows are indexed by the training set's element index (``element_index.npy``
 in the authors' dataset archive, not reachable offline). The checkpoints themselves pin rows for
 Z <= 32 (H, Li, Be, B, C, N, O, F, Na, ..., Ge -> 0..28; He, Ne, Ar absent): only those rows of the
@@ -28,6 +36,8 @@ embedding.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import logging
 import math
 import os
@@ -339,6 +349,10 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
                       delta_tau_ps: float | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Convert a published Lightning checkpoint into the project's flow-model checkpoint at ``out``.
 
+    ``src`` may also be an already imported checkpoint of this project's format (a shipped copy from
+    :func:`shipped_model`, or an earlier import): it is copied byte for byte, or, with an
+    ``element_index``, copied with that element table.
+
     ``element_index``: the dataset's ``element_index.npy`` (else the built-in pinned rows).
     ``delta_tau_ps``: Δτ of the model in ps; known for the published files (by SHA-256), required
     for any other file. Returns the metadata written (kind, prior, hparams, Δτ, provenance).
@@ -347,6 +361,9 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
 
     src = Path(src)
     digest = sha256_of(src)
+    imported = _imported_checkpoint(src, digest)
+    if imported is not None:
+        return _copy_imported(src, imported, digest, out, element_index, delta_tau_ps, config)
     known = _BY_SHA.get(digest)
     state, cfg, info = read_lightning_checkpoint(src)
     task = cfg.get("task")
@@ -387,6 +404,7 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
             "element_table": table_source,
             "elements_covered": [int(z) for z in np.flatnonzero(rows >= 0)],
             "elements_untrained": untrained,
+            "trained_rows": trained,
             "reference_config": {k: cfg.get(k) for k in ("model", "propagate_prior", "correct_prior",
                                                           "correct_noise", "data", "optimizer", "seed")},
         },
@@ -397,6 +415,119 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
                     "provenance": provenance(config or {}, stage="import-model")}, tmp)
     log.info("imported %s (%s, sha256 %s...) -> %s", src, kind, digest[:12], out)
     return meta
+
+
+def _imported_checkpoint(src: Path, digest: str) -> dict[str, Any] | None:
+    """The contents of ``src`` if it is already a checkpoint of this project's format made by an
+    import (a shipped copy, or an earlier ``import-model`` output); None for anything else (e.g. a
+    Lightning checkpoint, which the weights-only loader without the OmegaConf stand-ins refuses).
+    A shipped file is recognised by its SHA-256 first."""
+    from .train import CKPT_FORMAT
+
+    if digest not in _shipped_digests():
+        if src.stat().st_size > 64 << 20:
+            return None
+        try:
+            blob = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        if not (isinstance(blob, dict) and blob.get("format") == CKPT_FORMAT):
+            return None
+    else:
+        blob = torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(blob.get("imported_from"), dict) or blob.get("variant") != "published":
+        raise InputError(f"{src} is a flow-model checkpoint of this project but not an imported published model")
+    return blob
+
+
+def _shipped_digests() -> set[str]:
+    try:
+        return {rec["sha256"] for rec in shipped_record()["models"].values()}
+    except LiflowError:
+        return set()
+
+
+def _copy_imported(src: Path, blob: dict[str, Any], digest: str, out: str | os.PathLike[str],
+                   element_index: str | os.PathLike[str] | None, delta_tau_ps: float | None,
+                   config: dict[str, Any] | None) -> dict[str, Any]:
+    """Import an already imported checkpoint: a byte copy (its SHA-256 recorded in the log), or,
+    with an ``element_index``, a copy with that element table (restricted to the trained rows)."""
+    from .train import flow_meta
+
+    if delta_tau_ps is not None and abs(float(delta_tau_ps) - float(blob["delta_tau_ps"])) > 1e-12:
+        raise InputError(f"{src} is an imported model with Δτ {blob['delta_tau_ps']} ps, not {delta_tau_ps} ps")
+    if element_index is None:
+        with atomic_path(out) as tmp:
+            shutil.copyfile(src, tmp)
+            if sha256_of(tmp) != digest:
+                raise LiflowError(f"copying {src} to {out} changed its bytes")
+        log.info("copied imported model %s (sha256 %s...) -> %s", src, digest[:12], out)
+        return flow_meta(out)
+    imp = dict(blob["imported_from"])
+    trained = imp.get("trained_rows")
+    if trained is None:
+        raise InputError(f"{src} does not record which embedding rows were trained: import the published .ckpt "
+                         "file itself with an element_index")
+    rows = element_rows_from_file(element_index, int(blob["hparams"]["n_elements"]))
+    keep = np.isin(rows, trained)
+    imp["elements_untrained"] = [int(z) for z in np.flatnonzero((rows >= 0) & ~keep)]
+    rows = np.where(keep, rows, -1)
+    imp["elements_covered"] = [int(z) for z in np.flatnonzero(rows >= 0)]
+    imp["element_table"] = f"{element_index} (sha256 {sha256_of(element_index)})"
+    imp["copied_from"] = {"file": str(src), "sha256": digest}
+    model = FlowModel(**blob["hparams"])
+    model.load_state_dict(blob["model"])
+    model.set_element_rows(torch.as_tensor(rows))
+    new = {**blob, "imported_from": imp, "model": {k: v.clone() for k, v in model.state_dict().items()},
+           "provenance": provenance(config or {}, stage="import-model")}
+    with atomic_path(out) as tmp:
+        torch.save(new, tmp)
+    log.info("re-tabled imported model %s (sha256 %s...) with %s -> %s", src, digest[:12], element_index, out)
+    return flow_meta(out)
+
+
+# --------------------------------------------------------------------------- shipped copies
+#: The published models that ship with the package (imported), in ``data/models``.
+SHIPPED = ("P_universal", "C_universal")
+SHIPPED_RECORD = "PROVENANCE.json"
+
+
+def shipped_dir() -> Path:
+    """The package folder of the shipped imported models (``liflow_screen/data/models``)."""
+    return Path(str(importlib.resources.files("liflow_screen") / "data" / "models"))
+
+
+def shipped_record() -> dict[str, Any]:
+    """The shipped models' provenance record (``PROVENANCE.json``): source repository, commit and
+    SHA-256 of each source file, SHA-256 of each shipped file, conversion tool and date."""
+    p = shipped_dir() / SHIPPED_RECORD
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise LiflowError(f"cannot read the shipped models' record {p}: {type(exc).__name__}") from exc
+    if not isinstance(rec, dict) or not isinstance(rec.get("models"), dict):
+        raise LiflowError(f"{p} has no 'models' table")
+    return rec
+
+
+def shipped_model(name: str) -> Path | None:
+    """The shipped imported checkpoint of published model ``name``, its SHA-256 checked against
+    ``PROVENANCE.json``; None if ``name`` does not ship (or the file is missing or altered: warned)."""
+    if name not in SHIPPED:
+        return None
+    try:
+        rec = shipped_record()["models"].get(name)
+    except LiflowError as exc:
+        log.warning("%s", exc)
+        return None
+    p = shipped_dir() / rec["file"] if rec else None
+    if p is None or not p.is_file():
+        log.warning("the shipped copy of %s is missing (%s)", name, p or shipped_dir())
+        return None
+    if sha256_of(p) != rec["sha256"]:
+        log.warning("the shipped copy %s does not match its recorded SHA-256; not using it", p)
+        return None
+    return p
 
 
 # --------------------------------------------------------------------------- resolution
@@ -411,11 +542,14 @@ def cache_dir() -> Path:
 
 
 def resolve_published(name: str, explicit: str | os.PathLike[str] | None = None, download: bool = True,
-                      base_url: str | None = None, timeout_s: float = 60.0) -> Path:
-    """Path of a published checkpoint: the explicit file, else the cache, else a download into the cache.
+                      base_url: str | None = None, timeout_s: float = 60.0, shipped: bool = True) -> Path:
+    """Path of a published checkpoint: the explicit file, else the cache, else the shipped copy
+    (``P_universal``, ``C_universal``: an already imported ``.pt``, see :func:`shipped_model`;
+    ``shipped=False`` skips it), else a download into the cache.
 
-    A downloaded file is checked against its SHA-256 before it is used. Offline with none of the
-    three, one LiflowError names them.
+    The result is either a Lightning ``.ckpt`` or a shipped imported ``.pt``; :func:`import_checkpoint`
+    takes both. A cached or downloaded file is checked against its SHA-256 before it is used.
+    Offline with none of these, one LiflowError names them.
     """
     if explicit:
         p = Path(explicit).expanduser()
@@ -429,7 +563,11 @@ def resolve_published(name: str, explicit: str | os.PathLike[str] | None = None,
     if cached.is_file():
         if sha256_of(cached) == model.sha256:
             return cached
-        log.warning("cached %s has the wrong SHA-256; fetching it again", cached)
+        log.warning("cached %s has the wrong SHA-256; not using it", cached)
+    ship = shipped_model(name) if shipped else None
+    if ship is not None:
+        log.info("using the shipped copy of %s (%s)", name, ship)
+        return ship
     if download:
         try:
             return _download(model, cached, model.url(base_url), timeout_s)
@@ -440,6 +578,8 @@ def resolve_published(name: str, explicit: str | os.PathLike[str] | None = None,
             failure = str(exc)
     else:
         failure = "downloads are off"
+    if name in SHIPPED and shipped:
+        failure += f"; the shipped copy is missing or altered (reinstall the package: {shipped_dir()})"
     raise LiflowError(f"published model {name} is not available: give its path (pretrained.{model.kind}), "
                       f"or put {model.file} in the cache {cache_dir()}, or allow the download; {failure}")
 
