@@ -1,6 +1,6 @@
-"""ranking.csv rows: per-temperature resolved D* or bounds with their method and flags, Arrhenius
-fits of usable temperatures, σ(300 K) by Nernst–Einstein, ranks only for what was resolved
-(no file I/O).
+"""ranking.csv rows: per-temperature resolved D* or bounds with their method and flags, censored
+Arrhenius fits (resolved temperatures as data, unresolved ones as upper bounds), σ(300 K) by
+Nernst–Einstein, ranks only for what was resolved, by a conservative posterior quantile (no file I/O).
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def ranking_source(df: pd.DataFrame, variant: str | None) -> str:
     return MD_SOURCE
 
 
+#: What the ranking sorts by (descending): the 2.5 % posterior quantile of σ(target_T), so that the
+#: least certain extrapolation does not land on top; the median is given beside it.
+RANK_QUANTITY = "2.5 % quantile of the σ({T}) posterior (censored Arrhenius fit)"
+
+
 def _tcol(T: int) -> str:
     return f"{int(T)}K"
 
@@ -78,17 +83,27 @@ def compute_ranking(
     target_T: float = 300.0,
     variant: str | None = None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """One row per structure: ranked candidates first (by σ(target_T), S/cm, descending), then every
-    other structure, unranked, with the reason.
+    """One row per structure: ranked candidates first (by the conservative 2.5 % posterior quantile of
+    σ(target_T), S/cm, descending: column sigma_<target>K_S_cm_rankq), then every other structure,
+    unranked, with the reason.
 
     Predictions come from the LiFlow ``variant`` (see :func:`ranking_source`). Per temperature:
     D_pred_<T>K[_low|_high] (kinisi median and 95 % interval, only where Li diffusion was resolved),
     D_pred_<T>K_bound (upper bound where it was not), D_method_<T>K (analysis.D_METHODS), flags_<T>K
     (why the point is not in the fit: unresolved, diverged, frame_melted, li_molten, md_melts_from_<T>K).
     A structure is ranked only when >= 2 temperatures have resolved, stable, non-melted trajectories
-    (below the temperature at which its reference MD melts, if any) and their Arrhenius fit has
-    E_A > 0: then E_A_eV[_low|_high], D_<target>K[_low|_high] and sigma_<target>K_S_cm[_low|_high]
-    (Nernst–Einstein with the relaxed cell's Li density) are given, else they stay empty.
+    (below the temperature at which its reference MD melts, if any) and the censored Arrhenius fit
+    (:func:`analysis.arrhenius_fit_censored`: those resolved D* as Gaussian data in ln D, the upper
+    bounds of temperatures whose only flag is ``unresolved`` as censored data, 0 < E_A < 2 eV) finds a
+    consistent line; bounds add constraints, they do not replace resolved points, and flagged
+    (unstable, melted) temperatures stay out entirely. Then E_A_eV[_low|_high] (posterior median and
+    95 % interval), D_<target>K[_low|_high] and sigma_<target>K_S_cm[_low|_high] (Nernst–Einstein with
+    the relaxed cell's Li density; median and 95 % interval) and sigma_<target>K_S_cm_rankq (the
+    ranking quantity, the 2.5 % quantile, named in ``rank_by``) are given, else they stay empty
+    (E_A_eV of an unranked row with >= 2 usable temperatures is the resolved points' weighted fit).
+    arrhenius_T / arrhenius_bound_T list the temperatures used as data / as bounds;
+    arrhenius_p_value is the fit's consistency p-value. A fit with no consistent line makes the row
+    ``non-Arrhenius`` with a reason naming the temperatures.
     Reference MD where present: D_ref_<T>K (resolved kinisi D* or empty) and D_ref_method_<T>K.
     Returns the table and the Arrhenius fit of each ranked structure (for the plots).
     """
@@ -136,32 +151,45 @@ def compute_ranking(
             row[f"D_ref_{_tcol(T)}_bound"] = float(r["D_li_bound"]) if r is not None else math.nan
             row[f"D_ref_method_{_tcol(T)}"] = str(r["D_method"]) if r is not None else ""
         row["md_melts_from_K"] = melt.get(sid, math.nan)
-        gu = g.loc[use_T] if use_T else None
-        fit = (an.arrhenius_fit(np.asarray(use_T, float), gu["D_li"].to_numpy(float), gu["D_li_low"].to_numpy(float),
-                                gu["D_li_high"].to_numpy(float), target_T=target_T) if len(use_T) >= 2 else None)
-        row.update({"arrhenius_T": ";".join(str(T) for T in use_T), "arrhenius_n_T": len(use_T)})
+        # bounds: temperatures whose only objection is "unresolved" (no flagged trajectory enters)
+        bound_T = [T for T in temps if bad.get(T) == ["unresolved"]
+                   and np.isfinite(float(g.loc[T, "D_li_bound"])) and float(g.loc[T, "D_li_bound"]) > 0]
+        fit = None
+        if len(use_T) >= 2:
+            gu, gb = g.loc[use_T], g.loc[bound_T]
+            fit = an.arrhenius_fit_censored(
+                np.asarray(use_T, float), gu["D_li"].to_numpy(float), gu["D_li_low"].to_numpy(float),
+                gu["D_li_high"].to_numpy(float), np.asarray(bound_T, float), gb["D_li_bound"].to_numpy(float),
+                target_T=target_T)
+        row.update({"arrhenius_T": ";".join(str(T) for T in use_T), "arrhenius_n_T": len(use_T),
+                    "arrhenius_bound_T": ";".join(str(T) for T in bound_T) if fit is not None else "",
+                    "arrhenius_p_value": fit["p_value"] if fit is not None else math.nan})
         for key in ("E_A_eV", "E_A_eV_low", "E_A_eV_high", f"D_{tgt}", f"D_{tgt}_low", f"D_{tgt}_high",
-                    f"sigma_{tgt}_S_cm", f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high"):
+                    f"sigma_{tgt}_S_cm", f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high", f"sigma_{tgt}_S_cm_rankq"):
             row[key] = math.nan
-        ranked = bool(fit is not None and np.isfinite(fit["E_A"]) and fit["E_A"] > 0 and np.isfinite(fit["D_target"]))
-        if fit is not None:
-            row.update({"E_A_eV": fit["E_A"], "E_A_eV_low": fit["E_A_low"], "E_A_eV_high": fit["E_A_high"]})
+        ranked = bool(fit is not None and fit["status"] == "ok" and np.isfinite(fit["D_target_low"]))
+        if fit is not None:  # unranked: the resolved points' own weighted fit, for information
+            ro = fit["resolved_only"]
+            row.update({"E_A_eV": ro["E_A"], "E_A_eV_low": ro["E_A_low"], "E_A_eV_high": ro["E_A_high"]})
         if ranked:
             fits[sid] = fit
+            row.update({"E_A_eV": fit["E_A"], "E_A_eV_low": fit["E_A_low"], "E_A_eV_high": fit["E_A_high"]})
             for key, dval in (("", fit["D_target"]), ("_low", fit["D_target_low"]), ("_high", fit["D_target_high"])):
                 row[f"D_{tgt}{key}"] = dval
                 row[f"sigma_{tgt}_S_cm{key}"] = (an.nernst_einstein_conductivity(dval, n_li, volume, target_T)
                                                  if np.isfinite(dval) else math.nan)
+            row[f"sigma_{tgt}_S_cm_rankq"] = row[f"sigma_{tgt}_S_cm_low"]
             row["status"] = "ranked"
         else:
             row["status"], row["reason"] = _unranked_reason(sid, g, temps, bad, fit, status, src)
+        row["rank_by"] = RANK_QUANTITY.format(T=f"{target_T:g} K")
         row["prior_class_uncertain"] = pd.NA if uncertain is None else bool(uncertain.get(sid, False))
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
         return pd.DataFrame(columns=["rank", "id", "formula", "split", "source", "status", "reason"]), fits
     out["prior_class_uncertain"] = out["prior_class_uncertain"].astype("boolean")
-    sig = f"sigma_{tgt}_S_cm"
+    sig = f"sigma_{tgt}_S_cm_rankq"
     order = {"ranked": 0, "unresolved": 1, "non-Arrhenius": 1, "unstable": 2, "no rollout": 3}
     out["_grp"] = out["status"].map(lambda x: order.get(x, 3))
     out["_sig"] = -out[sig].fillna(-np.inf)
@@ -181,8 +209,8 @@ def _unranked_reason(sid: str, g: pd.DataFrame, temps: list[int], bad: dict[int,
             if len(st):
                 reason = f"{st['status'].iloc[0]}: {st['reason'].iloc[0]}"
         return "no rollout", reason
-    if fit is not None:  # >= 2 usable temperatures, but E_A <= 0
-        return "non-Arrhenius", f"E_A = {fit['E_A']:.3f} eV <= 0 from {fit['n_points']} temperatures: not extrapolated"
+    if fit is not None:  # >= 2 usable temperatures, but no consistent Arrhenius line
+        return "non-Arrhenius", str(fit["reason"]) or f"no finite σ from {fit['n_points']} temperatures"
     usable = [T for T in temps if T not in bad]
     parts = [f"{T} K: {','.join(bad[T])}" for T in temps if T in bad]
     unstable = [any(x not in ("unresolved", "no trajectory") for x in f) for f in bad.values()]
@@ -196,8 +224,9 @@ def diffusivity_by_source(analysis_table: pd.DataFrame, structures_table: pd.Dat
     """D*(T) and the Arrhenius E_A of every structure from EVERY trajectory source side by side (the
     reference or user MD, each LiFlow variant): one row per (structure, source), the per-source
     columns of :func:`compute_ranking` (D_<T>K[_low|_high|_bound], D_method_<T>K, flags_<T>K,
-    E_A_eV[_low|_high] with its 95 % interval, arrhenius_T, status, reason), with no ranks; only
-    the (structure, source) pairs that have trajectories."""
+    E_A_eV[_low|_high] (posterior median and 95 % interval of the censored fit for ``fitted`` rows),
+    arrhenius_T, arrhenius_bound_T, status, reason), with no ranks; only the (structure, source) pairs
+    that have trajectories."""
     keep_prefix = ("D_pred_", "D_method_", "flags_")
     parts = []
     for src in sorted(set(analysis_table["source"])):
@@ -205,7 +234,8 @@ def diffusivity_by_source(analysis_table: pd.DataFrame, structures_table: pd.Dat
         rk, _ = compute_ranking(sub, structures_table, status_table, None, target_T, src)
         rk = rk[rk["id"].isin(set(sub["id"]))]  # only structures with trajectories of this source
         cols = ["id", "formula", "source"] + [c for c in rk.columns if c.startswith(keep_prefix)] + [
-            "arrhenius_T", "arrhenius_n_T", "E_A_eV", "E_A_eV_low", "E_A_eV_high", "status", "reason"]
+            "arrhenius_T", "arrhenius_n_T", "arrhenius_bound_T", "E_A_eV", "E_A_eV_low", "E_A_eV_high", "status",
+            "reason"]
         parts.append(rk[[c for c in cols if c in rk.columns]].rename(
             columns=lambda c: "D_" + c[len("D_pred_"):] if c.startswith("D_pred_") else c))
     if not parts:
