@@ -115,7 +115,7 @@ def main() -> None:
     fast = torch.zeros(len(TEMPS), dtype=torch.bool)  # Li "fast" (large) and frame: the LGPS priors are equal
     sp = prior_sigma_for(g, prop.liflow_meta["prior"], fast, fast)
     sc_sigma = prior_sigma_for(g, corr.liflow_meta["prior"], fast, fast)
-    gens = [seeds.torch_generator(args.seed, "LGPS-2x2x1", T, seeds.ROLLOUT) for T in TEMPS]
+    gens = [seeds.rollout_key(args.seed, "LGPS-2x2x1", T, seeds.ROLLOUT) for T in TEMPS]
     t0 = time.perf_counter()
     with torch.no_grad():
         res = rollout(prop, corr, g, sp, sc_sigma, args.steps, 10, gens, max_step_displacement=1000.0, retries=0)
@@ -173,7 +173,7 @@ def main() -> None:
             t1 = time.perf_counter()
             with torch.no_grad():
                 long = rollout(prop, corr, g1, sp1, sc1, args.long_steps, 10,
-                               [seeds.torch_generator(args.seed, "LGPS-2x2x1-long", 900.0, seeds.ROLLOUT)],
+                               [seeds.rollout_key(args.seed, "LGPS-2x2x1-long", 900.0, seeds.ROLLOUT)],
                                max_step_displacement=1000.0, retries=0, on_frame=sink, progress=True)
             wall_long = time.perf_counter() - t1
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -199,7 +199,7 @@ def main() -> None:
     t1 = time.perf_counter()
     with torch.no_grad():
         rb = rollout(prop, corr, gb, spb, scb, args.big_steps, 10,
-                     [seeds.torch_generator(args.seed, "LGPS-4x4x4", 900.0, seeds.ROLLOUT)],
+                     [seeds.rollout_key(args.seed, "LGPS-4x4x4", 900.0, seeds.ROLLOUT)],
                      max_step_displacement=1000.0, retries=0, on_frame=lambda f, x, ok: None, progress=True)
     per = (time.perf_counter() - t1) / args.big_steps
     timing["3200_atoms_4x4x4"] = {"n_atoms": len(big), "steps_timed": args.big_steps, "s_per_step": per,

@@ -58,16 +58,28 @@ def center_of_mass(pos: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor,
 
 
 def _canonical_edge_order(i: "torch.Tensor", j: "torch.Tensor", s: "torch.Tensor", n: int) -> "torch.Tensor":
-    """Permutation sorting edges by (i, j, image shift s): one order whatever produced them."""
+    """Permutation sorting edges by (i, j, integer image shift s): one order whatever produced them.
+
+    One sort of a single int64 key when it fits (it does for any realistic batch), else three
+    stable sorts (least significant first)."""
     import torch
 
     if i.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=i.device)
-    k = int(s.abs().max()) + 1
+    k = int(s.abs().max()) + 1  # one host sync per call (not per graph)
     w = 2 * k + 1
+    if float(n) * float(n) * float(w) ** 3 < 2.0**62:
+        code = ((s[:, 0] + k) * w + (s[:, 1] + k)) * w + (s[:, 2] + k)
+        return torch.argsort((i * n + j) * (w**3) + code, stable=True)
     code = ((s[:, 0] + k) * w + (s[:, 1] + k)) * w + (s[:, 2] + k)
-    key = (i * n + j) * (w**3) + code
-    return torch.argsort(key, stable=True)
+    order = torch.argsort(code, stable=True)
+    order = order[torch.argsort(j[order], stable=True)]
+    return order[torch.argsort(i[order], stable=True)]
+
+
+#: Candidate pairs examined per chunk of the batched cell list (bounds its temporary memory:
+#: ~100 bytes per candidate).
+NL_CANDIDATES_PER_CHUNK = 1 << 24
 
 
 def radius_graph_pbc(
@@ -76,15 +88,122 @@ def radius_graph_pbc(
     batch: torch.Tensor,
     cutoff: float,
     ptr: torch.Tensor | None = None,
+    max_candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Periodic radius graph of a batch of crystals, on the device of ``pos`` (vesin-torch).
+    """Periodic radius graph of a whole batch of crystals in ONE call, on the device of ``pos``.
 
-    pos (N,3) Å unwrapped (any lattice image is fine), cell (G,3,3) Å, batch (N,) graph index.
-    Returns ``edge_index`` (2,E) as (i, j) global atom indices with |r_j + S - r_i| < cutoff,
-    and ``shift`` (E,3), the Cartesian image offset S in Å, so that the edge vector is
-    ``pos[j] - pos[i] + shift``. Self-pairs are excluded unless they connect distinct images.
-    Computed in float64 for a stable edge set; the shift makes it exact for unwrapped input.
+    pos (N,3) Å unwrapped (any lattice image is fine), cell (G,3,3) Å (rows a, b, c), batch (N,)
+    graph index, atoms of a graph contiguous (``ptr`` (G+1,) offsets, optional). Returns
+    ``edge_index`` (2,E) as (i, j) global atom indices with |r_j + S - r_i| < cutoff, and ``shift``
+    (E,3), the Cartesian image offset S in Å, so that the edge vector is ``pos[j] - pos[i] + shift``.
+    Self-pairs are excluded unless they connect distinct images. Edges are in canonical order:
+    sorted by (i, j, integer image), whatever the batch (messages summed in this order are
+    bit-reproducible on CPU).
+
+    Method: a batched cell list in plain torch (no per-graph Python loop). Each graph's wrapped
+    fractional coordinates are binned into n_k = floor(2 w_k / cutoff) slabs per lattice direction
+    (w_k the perpendicular width, Å; at least 1), so a slab is >= cutoff/2 thick; every atom then
+    scans the bins within m_k = ceil(cutoff n_k / w_k) slabs in each direction (images included,
+    so cells narrower than the cutoff work too). Each (bin, image) pair is visited once, so no pair
+    is found twice. Distances are tested in float64 on wrapped positions; the integer image shift
+    is then carried back to the unwrapped input, which makes the shift exact. Host syncs: a few
+    per call (output sizes), none per graph. ``max_candidates`` bounds the candidate pairs held at
+    once (default ``NL_CANDIDATES_PER_CHUNK``); larger inputs are processed in atom chunks.
     """
+    import torch
+
+    dev = pos.device
+    n_atoms, n_graphs = int(pos.shape[0]), int(cell.shape[0])
+    empty = (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=pos.dtype, device=dev))
+    if n_atoms == 0 or n_graphs == 0:
+        return empty
+    budget = int(max_candidates or NL_CANDIDATES_PER_CHUNK)
+    cutoff = float(cutoff)
+    p = pos.detach().to(torch.float64)
+    c = cell.detach().to(torch.float64)                                   # (G,3,3)
+    b = batch.to(dev, torch.long)
+    inv = torch.linalg.inv(c)                                             # frac = p @ inv(cell)
+    frac = torch.bmm(p.unsqueeze(1), inv[b]).squeeze(1)                   # (N,3)
+    offset = torch.floor(frac)                                            # lattice image of each atom
+    fw = (frac - offset).clamp(0.0, 1.0 - 1e-12)                          # wrapped fractional, [0,1)
+    pw = p - torch.bmm(offset.unsqueeze(1), c[b]).squeeze(1)              # wrapped Cartesian, Å
+    # perpendicular widths w_k = V / |a_l x a_m|
+    vol = torch.linalg.det(c).abs()
+    cross = torch.stack([torch.linalg.cross(c[:, 1], c[:, 2]), torch.linalg.cross(c[:, 2], c[:, 0]),
+                         torch.linalg.cross(c[:, 0], c[:, 1])], dim=1)     # (G,3,3)
+    width = vol.unsqueeze(-1) / torch.linalg.vector_norm(cross, dim=-1)   # (G,3) Å
+    nb = torch.clamp(torch.floor(2.0 * width / cutoff), min=1.0).long()  # bins per direction
+    reach = torch.ceil(cutoff * nb.to(torch.float64) / width - 1e-9).long().clamp(min=1)  # bins to scan
+    m = int(reach.max())                                                  # host sync
+    nbin_g = nb.prod(dim=1)                                               # (G,)
+    base = torch.cumsum(nbin_g, 0) - nbin_g                               # first bin id per graph
+    n_bins = int(nbin_g.sum())                                            # host sync
+    nb_a = nb[b]                                                          # (N,3)
+    bins = torch.minimum(torch.floor(fw * nb_a.to(torch.float64)).long(), nb_a - 1)
+    gid = base[b] + (bins[:, 0] * nb_a[:, 1] + bins[:, 1]) * nb_a[:, 2] + bins[:, 2]
+    order = torch.argsort(gid, stable=True)                               # atoms sorted by bin
+    count = torch.bincount(gid, minlength=n_bins)
+    start = torch.cumsum(count, 0) - count
+    rng = torch.arange(-m, m + 1, device=dev)
+    offs = torch.cartesian_prod(rng, rng, rng)                            # (K,3) bin offsets
+    n_off = int(offs.shape[0])
+    raw = bins.unsqueeze(1) + offs.unsqueeze(0)                           # (N,K,3)
+    image = torch.div(raw, nb_a.unsqueeze(1), rounding_mode="floor")      # lattice image of that bin
+    wrapped = raw - image * nb_a.unsqueeze(1)
+    nbr = base[b].unsqueeze(1) + (wrapped[..., 0] * nb_a[:, 1:2] + wrapped[..., 1]) * nb_a[:, 2:3] + wrapped[..., 2]
+    within_reach = (offs.abs().unsqueeze(0) <= reach[b].unsqueeze(1)).all(-1)  # (N,K)
+    cnt = torch.where(within_reach, count[nbr], torch.zeros_like(nbr)).reshape(-1)  # candidates per (atom, offset)
+    first_j = start[nbr].reshape(-1)                                      # their first slot in ``order``
+    # atom i moved into the frame of that bin's image: vec = pw[j] - q  (= pw[j] + S@c - pw[i])
+    q = (pw.unsqueeze(1) - torch.bmm(image.to(torch.float64), c[b])).reshape(-1, 3)  # (N*K,3) Å
+    center = n_off // 2                                                   # the zero offset
+    per_atom = cnt.view(n_atoms, n_off).sum(1)
+    cum = torch.cumsum(per_atom, 0).cpu()                                 # host sync (chunk bounds)
+    bounds = [0]
+    while bounds[-1] < n_atoms:                                           # atom chunks of <= budget candidates
+        lo = bounds[-1]
+        done = int(cum[lo - 1]) if lo > 0 else 0
+        hi = int(torch.searchsorted(cum, torch.tensor(done + budget), right=True))
+        bounds.append(min(max(hi, lo + 1), n_atoms))
+    c2 = cutoff * cutoff
+    srcs, jj = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        n_c = int(cum[hi - 1]) - (int(cum[lo - 1]) if lo > 0 else 0)
+        if n_c == 0:
+            continue
+        cnt_c = cnt[lo * n_off:hi * n_off]
+        src = torch.repeat_interleave(torch.arange(lo * n_off, hi * n_off, device=dev), cnt_c, output_size=n_c)
+        slot = first_j[src] + torch.arange(n_c, device=dev) - (torch.cumsum(cnt_c, 0) - cnt_c)[src - lo * n_off]
+        j = order[slot]
+        vec = pw[j] - q[src]
+        keep = (vec * vec).sum(-1) < c2
+        keep &= (j != torch.div(src, n_off, rounding_mode="floor")) | (src % n_off != center)  # no self pair
+        srcs.append(src[keep])
+        jj.append(j[keep])
+    if not srcs:
+        return empty
+    src, j = torch.cat(srcs), torch.cat(jj)
+    i = torch.div(src, n_off, rounding_mode="floor")
+    s = image.reshape(-1, 3)[src]                                         # image of j's bin, wrapped frame
+    # image shift of the unwrapped input: p_w[j] - p_w[i] + s@c = p[j] - p[i] + (s - off_j + off_i)@c
+    s = s - offset[j].long() + offset[i].long()
+    perm = _canonical_edge_order(i, j, s, n_atoms)
+    i, j, s = i[perm], j[perm], s[perm]
+    shift = (s.to(torch.float64).unsqueeze(-1) * c[b[i]]).sum(1)          # (E,3) Å, float64, exact sum of 3
+    return torch.stack([i, j]), shift.to(pos.dtype)
+
+
+def radius_graph_pbc_vesin(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    cutoff: float,
+    ptr: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same graph as :func:`radius_graph_pbc` (same edges, same order), computed graph by graph
+    with vesin-torch: the engine before the batched cell list, kept as the independent check in
+    tests and as the comparison in ``bench/bench_rollout.py``. One vesin call and a few host syncs
+    per graph."""
     import torch
     from vesin.torch import NeighborList
 
@@ -101,19 +220,14 @@ def radius_graph_pbc(
         lo, hi = int(ptr[g]), int(ptr[g + 1])
         p = pos64[lo:hi]
         c = cell64[g]
-        # vesin wants points inside the box: wrap a copy, remember the lattice offset.
         frac = torch.linalg.solve(c.T, p.T).T
         offset = torch.floor(frac)
         p_wrapped = p - offset @ c
         i, j, s = nl.compute(points=p_wrapped, box=c, periodic=True, quantities="ijS")
-        s = s.to(torch.float64)
-        # vector = p_wrapped[j] - p_wrapped[i] + s@c  =  p[j] - p[i] + (s - off_j + off_i)@c
-        s_unwrapped = s - offset[j] + offset[i]
-        # canonical edge order (i, j, image): sums over edges then do not depend on the order
-        # the neighbour-list library happens to return (bit-reproducible messages)
-        order = _canonical_edge_order(i.long(), j.long(), s.long(), hi - lo)
+        s = s.long() - offset[j].long() + offset[i].long()
+        order = _canonical_edge_order(i.long(), j.long(), s, hi - lo)
         edges.append(torch.stack([i.long()[order] + lo, j.long()[order] + lo]))
-        shifts.append(s_unwrapped[order] @ c)
+        shifts.append((s[order].to(torch.float64).unsqueeze(-1) * c).sum(1))
     edge_index = torch.cat(edges, dim=1) if edges else torch.zeros(2, 0, dtype=torch.long, device=pos.device)
     shift = torch.cat(shifts, dim=0).to(pos.dtype) if shifts else torch.zeros(0, 3, dtype=pos.dtype, device=pos.device)
     return edge_index.to(pos.device), shift.to(pos.device)

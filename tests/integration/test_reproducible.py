@@ -50,7 +50,7 @@ g = make_batch(nums, [t.cart_coords for t in (s, s2)], [t.lattice.matrix for t i
 fast = torch.tensor([False, False])
 sp = prior_sigma_for(g, prior_p, fast, ~fast)
 sc = prior_sigma_for(g, prior_c, fast, ~fast)
-gens = [seeds.torch_generator(7, "LiFePO4", 900.0, seeds.ROLLOUT), seeds.torch_generator(7, "LiFePO4x2", 1200.0, seeds.ROLLOUT)]
+gens = [seeds.rollout_key(7, "LiFePO4", 900.0, seeds.ROLLOUT), seeds.rollout_key(7, "LiFePO4x2", 1200.0, seeds.ROLLOUT)]
 with torch.no_grad():
     res = rollout(prop, corr, g, sp, sc, n_steps=6, n_flow=5, generator=gens, retries=0)
 print(hashlib.sha256(res.positions.numpy().tobytes()).hexdigest(), float(res.positions.abs().max()))

@@ -11,7 +11,7 @@ from liflow_screen.errors import InputError
 from liflow_screen.geometry import center_of_mass
 from liflow_screen.model.graph import GraphBatch, make_batch
 from liflow_screen.model.painn import Conditioning, FlowModel
-from liflow_screen.model.priors import prior_sigma, sample_prior
+from liflow_screen.model.priors import counter_normal, prior_sigma
 from liflow_screen.rollout import frame_rows, rollout, rollout_status_rows, subset_batch
 
 SMALL = dict(features=16, radial=8, layers=2)
@@ -88,15 +88,21 @@ def test_shapes_units_and_exact_prior_step() -> None:
     assert res.n_ok_steps.tolist() == [3, 3] and res.diverged.tolist() == [False, False]
     assert res.reason == ["", ""]
     assert torch.equal(res.positions[0], g.pos)
-    # replay the per-graph noise by hand: per step, propagator draw then corrector draw, per graph
-    ref = [gens(1)[0], gens(2)[0]]
+    # replay the counter-based noise by hand, graph by graph: key drawn from each graph's generator,
+    # counter (step, draw) with draw 0 = Propagator, 1 = Corrector, atom index within the graph
+    keys = [torch.randint(0, 2**32, (1, 2), generator=gen, dtype=torch.long) for gen in gens(1, 2)]
     x = g.pos.clone()
     ptr = g.ptr.tolist()
+
+    def draw(k: int, lo: int, hi: int, step: int, kind: int, sigma: torch.Tensor) -> torch.Tensor:
+        z = counter_normal(keys[k].expand(hi - lo, 2), torch.arange(hi - lo), torch.tensor([step, kind]))
+        return z * sigma[lo:hi, None]
+
     for step in range(3):
         new = []
         for k in range(2):
             lo, hi = ptr[k], ptr[k + 1]
-            xk = x[lo:hi] + sample_prior(sp[lo:hi], ref[k]) + sample_prior(sc[lo:hi], ref[k])
+            xk = x[lo:hi] + draw(k, lo, hi, step, 0, sp) + draw(k, lo, hi, step, 1, sc)
             m = g.masses[lo:hi, None]
             xk = xk - (m * xk).sum(0) / m.sum() + (m * x[lo:hi]).sum(0) / m.sum()
             new.append(xk)
@@ -233,12 +239,13 @@ def test_corrector_every_k_steps_and_its_own_flow_steps() -> None:
                   n_flow_corrector=2)
     assert corr.n_condition == 2 and len(corr.calls) == 2 * 2  # 2 corrected steps x 2 Euler steps
     assert prop.n_condition == 4 and len(prop.calls) == 4 * 3
-    ref, x = gens(21)[0], g.pos.clone()
+    key, x = torch.randint(0, 2**32, (1, 2), generator=gens(21)[0], dtype=torch.long), g.pos.clone()
+    idx = torch.arange(len(x))
     with torch.no_grad():
         for step in range(4):
-            d0p = sample_prior(sp, ref)
+            d0p = counter_normal(key.expand(len(x), 2), idx, torch.tensor([step, 0])) * sp[:, None]
             correct = (step + 1) % 2 == 0
-            d0c = sample_prior(sc, ref) if correct else None
+            d0c = counter_normal(key.expand(len(x), 2), idx, torch.tensor([step, 1])) * sc[:, None] if correct else None
             _, x = liflow_step(prop, corr if correct else None, g.with_pos(x), d0p, d0c, 3, n_flow_corrector=2)
             np.testing.assert_allclose(res.positions[step + 1].numpy(), x.numpy(), atol=1e-5)
     every = rollout(prop, corr, g, sp, sc, n_steps=4, n_flow=3, generator=gens(21))

@@ -24,7 +24,11 @@ def test_md_velocities_keep_their_historic_stream() -> None:
 
 def test_streams_differ_and_repeat() -> None:
     def draw(*args) -> torch.Tensor:
-        return torch.randn(6, generator=seeds.torch_generator(*args))
+        """Six normal variates of the stream's counter-based noise (atoms 0, 1; step 0, draw 0)."""
+        from liflow_screen.model.priors import counter_normal
+
+        key = torch.tensor([seeds.rollout_key(*args)], dtype=torch.long).expand(2, 2)
+        return counter_normal(key, torch.arange(2), torch.tensor([0, 0])).reshape(-1)
 
     a = draw(0, "x", 900.0, seeds.ROLLOUT)
     assert torch.equal(a, draw(0, "x", 900.0, seeds.ROLLOUT))

@@ -7,6 +7,8 @@ eV/K, T in K and m in amu, its numerical value taken as Å (e.g. Li at 800 K: 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -68,3 +70,58 @@ def select_scales(slow: Tensor, pair: tuple[float, float] | list[float]) -> Tens
     small = torch.full(slow.shape, float(pair[0]), device=slow.device)
     large = torch.full(slow.shape, float(pair[1]), device=slow.device)
     return torch.where(slow, small, large)
+
+
+# --------------------------------------------------------------------------------------------
+# Counter-based normal variates (Philox4x32-10) for batched rollouts
+# --------------------------------------------------------------------------------------------
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product a * b (a a 32-bit constant, b (…) int64 in
+    [0, 2^32)), without int64 overflow: a is split into 16-bit halves."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi = b * a_hi                       # < 2^48
+    p_lo = b * a_lo                       # < 2^48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)    # < 2^49
+    return (p_hi >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor, Tensor],
+               rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 (Salmon et al., SC'11; the generator behind cuRAND's and torch's CUDA streams):
+    four 32-bit words of a counter and a two-word key (int64 tensors holding values in [0, 2^32),
+    broadcastable) -> four pseudo-random 32-bit words. Plain torch integer ops: the same numbers on
+    every device, and no generator state (draw i of stream k is a pure function of (k, i))."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W[0]) & _MASK32
+        k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def counter_normal(keys: Tensor, index: Tensor, counter: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal variates (n, 3), one row per atom, as a pure function of
+    (key, atom index, counter): ``keys`` (n, 2) int64 32-bit words of the atom's stream (its
+    structure's (seed, id, T) key), ``index`` (n,) the atom's index within its structure,
+    ``counter`` (2,) int64 on the same device: (step, draw), e.g. draw = 4 * attempt + kind.
+    Box–Muller on two pairs of Philox words (float64 inside). No host sync; a structure's numbers
+    do not depend on which other structures share the batch, nor on the device."""
+    ctr = counter.to(index.device, torch.long)
+    zero = torch.zeros_like(index)
+    x0, x1, x2, x3 = philox4x32((index, zero + ctr[0], zero + ctr[1], zero), (keys[:, 0], keys[:, 1]))
+    scale = 2.0**-32
+    u1 = (torch.stack([x0, x2], -1).to(torch.float64) + 0.5) * scale   # (0, 1)
+    u2 = torch.stack([x1, x3], -1).to(torch.float64) * scale           # [0, 1)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    ang = (2.0 * math.pi) * u2
+    z = torch.stack([r[:, 0] * torch.cos(ang[:, 0]), r[:, 0] * torch.sin(ang[:, 0]), r[:, 1] * torch.cos(ang[:, 1])],
+                    dim=-1)
+    return z.to(dtype)

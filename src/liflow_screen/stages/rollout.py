@@ -66,13 +66,58 @@ def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: A
                       [np.asarray(s["cell"]).reshape(3, 3) for s in sts], [j[1] for j in batch], device=device)
 
 
+#: Atoms per batched graph on CPU when rollout.batch_atoms is null (a few thousand atoms keep the
+#: per-step Python overhead small against the model's work; memory is ~0.5 MB per atom).
+CPU_BATCH_ATOMS = 4096
+#: Bytes per atom a batched rollout needs on a GPU (two models' CUDA-graph pools, ~60 edges per atom
+#: at BYTES_PER_EDGE each, with headroom): sizes rollout.batch_atoms from free memory.
+CUDA_BYTES_PER_ATOM = 2 * 64 * 8192
+CUDA_MAX_BATCH_ATOMS = 1 << 17
+
+
+def batch_atom_budget(cfg_value: int | None, device: Any) -> int:
+    """Atoms per batched graph: rollout.batch_atoms if set; else on CUDA half the free device
+    memory at CUDA_BYTES_PER_ATOM per atom (at most CUDA_MAX_BATCH_ATOMS), on CPU CPU_BATCH_ATOMS."""
+    if cfg_value is not None:
+        return int(cfg_value)
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(min(max(free // 2 // CUDA_BYTES_PER_ATOM, 1024), CUDA_MAX_BATCH_ATOMS))
+    return CPU_BATCH_ATOMS
+
+
+def pack_batches(jobs: list[tuple[str, float, str]], n_atoms: dict[str, int], atom_budget: int,
+                 max_structures: int | None = None) -> list[list[tuple[str, float, str]]]:
+    """Group (structure, T, split) jobs into batches of at most ``atom_budget`` atoms (and at most
+    ``max_structures`` jobs): jobs sorted by cell size (then id, T), so structures of similar size
+    share a batch; a cell larger than the budget gets a batch of its own. Deterministic."""
+    order = sorted(jobs, key=lambda j: (n_atoms[j[0]], j[0], j[1]))
+    batches: list[list[tuple[str, float, str]]] = []
+    cur: list[tuple[str, float, str]] = []
+    used = 0
+    for j in order:
+        n = n_atoms[j[0]]
+        if cur and (used + n > atom_budget or (max_structures is not None and len(cur) >= max_structures)):
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(j)
+        used += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.DataFrame,
                      jobs: list[tuple[str, float, str]], classes: dict[tuple[str, int], tuple[bool, bool]],
                      n_steps: int, stream: int, device: Any, on_frame: Any = None):
-    """Yield (batch, RolloutResult, wall s) for ``jobs`` in groups of rollout.batch_structures.
+    """Yield (batch, RolloutResult, wall s) for ``jobs`` packed into batches of at most
+    rollout.batch_atoms atoms (see :func:`pack_batches`, :func:`batch_atom_budget`).
 
     ``stream``: ``seeds.ROLLOUT`` or ``seeds.PILOT``, the child of each (seed, structure, T)
-    sequence the prior draws come from (independent of batching and chunking).
+    sequence the prior draws come from (independent of batching, chunking and device).
     ``on_frame(batch, ptr, frame, positions, good)``: stream every frame (``ptr``: the batch's atom
     offsets; see ``rollout.rollout``).
     """
@@ -83,9 +128,14 @@ def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.Data
 
     rc = cfg["rollout"]
     regressor = prop.liflow_meta["prior"]["kind"] == "none"
-    bs = int(rc["batch_structures"])
-    for b0 in range(0, len(jobs), bs):
-        batch = jobs[b0:b0 + bs]
+    budget = batch_atom_budget(rc.get("batch_atoms"), device)
+    n_atoms = {sid: int(len(structs.loc[sid]["numbers"])) for sid in {j[0] for j in jobs}}
+    batches = pack_batches(jobs, n_atoms, budget, rc.get("batch_structures"))
+    if batches:
+        log.info("%d (structure, T) pairs in %d batches of <= %d atoms (%s)", len(jobs), len(batches), budget,
+                 ", ".join(str(sum(n_atoms[j[0]] for j in b)) for b in batches[:20]) + (" ..." if len(batches) > 20
+                                                                                       else ""))
+    for batch in batches:
         g = _graph(structs, batch, device)
         cls = [classes.get((j[0], int(round(j[1]))), (True, True)) for j in batch]
         li_slow = torch.as_tensor([c[0] for c in cls], device=device)
@@ -93,15 +143,19 @@ def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.Data
         sig_p = (torch.zeros(g.pos.shape[0], device=device) if regressor
                  else prior_sigma_for(g, prop.liflow_meta["prior"], li_slow, fr_slow))
         sig_c = prior_sigma_for(g, corr.liflow_meta["prior"], li_slow, fr_slow) if corr is not None else None
-        gens = [seeds.torch_generator(int(cfg["seed"]), sid, T, stream) for sid, T, _ in batch]
+        keys = torch.tensor([seeds.rollout_key(int(cfg["seed"]), sid, T, stream) for sid, T, _ in batch],
+                            dtype=torch.long)
         t0 = time.perf_counter()
         ptr = g.ptr.tolist()
         sink = None if on_frame is None else (lambda f, x, ok, batch=batch, ptr=ptr: on_frame(batch, ptr, f, x, ok))
-        res = rollout(prop, corr, g, sig_p, sig_c, n_steps, int(rc["n_flow"]), gens,
+        res = rollout(prop, corr, g, sig_p, sig_c, n_steps, int(rc["n_flow"]), keys,
                       max_step_displacement=float(rc["max_step_displacement"]), retries=int(rc["retries"]),
                       regressor=regressor, progress=sink is not None, corrector_every=int(rc["corrector_every"]),
-                      n_flow_corrector=rc["n_flow_corrector"], on_frame=sink)
-        yield batch, res, time.perf_counter() - t0
+                      n_flow_corrector=rc["n_flow_corrector"], on_frame=sink, precision=str(rc["precision"]))
+        wall = time.perf_counter() - t0
+        log.info("batch of %d pairs, %d atoms: %d steps in %.1f s (%.3f s per step, %.1f structure-steps/s)",
+                 len(batch), g.pos.shape[0], n_steps, wall, wall / n_steps, len(batch) * n_steps / max(wall, 1e-9))
+        yield batch, res, wall
 
 
 def choose_prior_classes(cfg: dict[str, Any], method: str, prop: Any, corr: Any, structs: pd.DataFrame,
@@ -181,7 +235,8 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | P
                   out_dir: str | Path, labels_path: str | Path | None = None) -> dict[str, int]:
     """LiFlow rollouts (Algorithm 1) for every structure of a chunk at every rollout temperature.
 
-    (structure, T) pairs are batched ``rollout.batch_structures`` at a time into one graph. Starts
+    (structure, T) pairs are packed by size into batched graphs of at most ``rollout.batch_atoms``
+    atoms (and ``rollout.batch_structures`` pairs, if set). Starts
     from the relaxed supercell (repeated ``rollout.supercell`` times); works without reference MD.
     Structures whose relaxation failed, or holding an element outside the model's element table,
     get a status row naming the reason. Frames stream to frames_T<K>.parquet per temperature as
