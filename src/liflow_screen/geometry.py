@@ -57,21 +57,21 @@ def center_of_mass(pos: torch.Tensor, masses: torch.Tensor, batch: torch.Tensor,
     return num / den
 
 
-def _canonical_edge_order(i: "torch.Tensor", j: "torch.Tensor", s: "torch.Tensor", n: int) -> "torch.Tensor":
+def _canonical_edge_order(i: "torch.Tensor", j: "torch.Tensor", s: "torch.Tensor", n: int,
+                          k: int | None = None) -> "torch.Tensor":
     """Permutation sorting edges by (i, j, integer image shift s): one order whatever produced them.
 
-    One sort of a single int64 key when it fits (it does for any realistic batch), else three
-    stable sorts (least significant first)."""
+    ``k`` > max |s| (computed here when not given: one host sync). One sort of a single int64 key when
+    it fits (it does for any realistic batch), else three stable sorts (least significant first)."""
     import torch
 
     if i.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=i.device)
-    k = int(s.abs().max()) + 1  # one host sync per call (not per graph)
+    k = int(s.abs().max()) + 1 if k is None else int(k)
     w = 2 * k + 1
-    if float(n) * float(n) * float(w) ** 3 < 2.0**62:
-        code = ((s[:, 0] + k) * w + (s[:, 1] + k)) * w + (s[:, 2] + k)
-        return torch.argsort((i * n + j) * (w**3) + code, stable=True)
     code = ((s[:, 0] + k) * w + (s[:, 1] + k)) * w + (s[:, 2] + k)
+    if float(n) * float(n) * float(w) ** 3 < 2.0**62:
+        return torch.argsort((i * n + j) * (w**3) + code, stable=True)
     order = torch.argsort(code, stable=True)
     order = order[torch.argsort(j[order], stable=True)]
     return order[torch.argsort(i[order], stable=True)]
@@ -80,6 +80,50 @@ def _canonical_edge_order(i: "torch.Tensor", j: "torch.Tensor", s: "torch.Tensor
 #: Candidate pairs examined per chunk of the batched cell list (bounds its temporary memory:
 #: ~100 bytes per candidate).
 NL_CANDIDATES_PER_CHUNK = 1 << 24
+
+
+class _CellListPlan:
+    """What the batched cell list needs that depends only on the cells and the batch layout (fixed
+    during a rollout): built once per (cells, batch, cutoff) and reused every step, so a call costs
+    one host sync. Cells in Å (rows a, b, c)."""
+
+    def __init__(self, cell: "torch.Tensor", batch: "torch.Tensor", cutoff: float) -> None:
+        import torch
+
+        dev = cell.device
+        self.refs = (cell, batch)  # keep the keyed tensors alive (their id() is the cache key)
+        c = cell.detach().to(torch.float64)                                   # (G,3,3)
+        b = batch.to(dev, torch.long)
+        self.c_b = c[b]                                                       # (N,3,3)
+        self.inv_b = torch.linalg.inv(c)[b]                                   # frac = p @ inv(cell)
+        vol = torch.linalg.det(c).abs()
+        cross = torch.stack([torch.linalg.cross(c[:, 1], c[:, 2]), torch.linalg.cross(c[:, 2], c[:, 0]),
+                             torch.linalg.cross(c[:, 0], c[:, 1])], dim=1)    # (G,3,3)
+        width = vol.unsqueeze(-1) / torch.linalg.vector_norm(cross, dim=-1)   # (G,3) perpendicular widths, Å
+        nb = torch.clamp(torch.floor(2.0 * width / cutoff), min=1.0).long()  # bins per direction
+        reach = torch.ceil(cutoff * nb.to(torch.float64) / width - 1e-9).long().clamp(min=1)  # bins to scan
+        nbin_g = nb.prod(dim=1)
+        base = torch.cumsum(nbin_g, 0) - nbin_g                               # first bin id per graph
+        host = torch.cat([reach.max().view(1), nbin_g.sum().view(1)]).cpu()   # one sync per plan
+        self.m, self.n_bins = int(host[0]), int(host[1])
+        rng = torch.arange(-self.m, self.m + 1, device=dev)
+        offs = torch.cartesian_prod(rng, rng, rng)                            # (K,3) bin offsets
+        self.offs, self.n_off = offs, int(offs.shape[0])
+        self.nb_a, self.base_b = nb[b], base[b]                               # (N,3), (N,)
+        self.within_reach = (offs.abs().unsqueeze(0) <= reach[b].unsqueeze(1)).all(-1)  # (N,K)
+
+
+_PLANS: dict[tuple, _CellListPlan] = {}
+
+
+def _plan(cell: "torch.Tensor", batch: "torch.Tensor", cutoff: float) -> _CellListPlan:
+    key = (id(cell), id(batch), float(cutoff), tuple(cell.shape), tuple(batch.shape), str(cell.device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = _CellListPlan(cell, batch, cutoff)
+    return plan
 
 
 def radius_graph_pbc(
@@ -93,12 +137,12 @@ def radius_graph_pbc(
     """Periodic radius graph of a whole batch of crystals in ONE call, on the device of ``pos``.
 
     pos (N,3) Å unwrapped (any lattice image is fine), cell (G,3,3) Å (rows a, b, c), batch (N,)
-    graph index, atoms of a graph contiguous (``ptr`` (G+1,) offsets, optional). Returns
-    ``edge_index`` (2,E) as (i, j) global atom indices with |r_j + S - r_i| < cutoff, and ``shift``
-    (E,3), the Cartesian image offset S in Å, so that the edge vector is ``pos[j] - pos[i] + shift``.
-    Self-pairs are excluded unless they connect distinct images. Edges are in canonical order:
-    sorted by (i, j, integer image), whatever the batch (messages summed in this order are
-    bit-reproducible on CPU).
+    graph index, atoms of a graph contiguous (``ptr`` (G+1,) offsets, unused: kept for callers).
+    Returns ``edge_index`` (2,E) as (i, j) global atom indices with |r_j + S - r_i| < cutoff, and
+    ``shift`` (E,3), the Cartesian image offset S in Å, so that the edge vector is
+    ``pos[j] - pos[i] + shift``. Self-pairs are excluded unless they connect distinct images. Edges
+    are in canonical order: sorted by (i, j, integer image), whatever the batch (messages summed in
+    this order are bit-reproducible on CPU).
 
     Method: a batched cell list in plain torch (no per-graph Python loop). Each graph's wrapped
     fractional coordinates are binned into n_k = floor(2 w_k / cutoff) slabs per lattice direction
@@ -106,9 +150,10 @@ def radius_graph_pbc(
     scans the bins within m_k = ceil(cutoff n_k / w_k) slabs in each direction (images included,
     so cells narrower than the cutoff work too). Each (bin, image) pair is visited once, so no pair
     is found twice. Distances are tested in float64 on wrapped positions; the integer image shift
-    is then carried back to the unwrapped input, which makes the shift exact. Host syncs: a few
-    per call (output sizes), none per graph. ``max_candidates`` bounds the candidate pairs held at
-    once (default ``NL_CANDIDATES_PER_CHUNK``); larger inputs are processed in atom chunks.
+    is then carried back to the unwrapped input, which makes the shift exact. The cell-dependent
+    part is planned once per (cells, batch) tensors; a call then makes one host sync (the output
+    size). ``max_candidates`` bounds the candidate pairs held at once (default
+    ``NL_CANDIDATES_PER_CHUNK``); larger inputs are processed in atom chunks (one sync each).
     """
     import torch
 
@@ -119,46 +164,33 @@ def radius_graph_pbc(
         return empty
     budget = int(max_candidates or NL_CANDIDATES_PER_CHUNK)
     cutoff = float(cutoff)
+    pl = _plan(cell, batch, cutoff)
+    n_off, nb_a = pl.n_off, pl.nb_a
     p = pos.detach().to(torch.float64)
-    c = cell.detach().to(torch.float64)                                   # (G,3,3)
-    b = batch.to(dev, torch.long)
-    inv = torch.linalg.inv(c)                                             # frac = p @ inv(cell)
-    frac = torch.bmm(p.unsqueeze(1), inv[b]).squeeze(1)                   # (N,3)
+    frac = torch.bmm(p.unsqueeze(1), pl.inv_b).squeeze(1)                 # (N,3)
     offset = torch.floor(frac)                                            # lattice image of each atom
     fw = (frac - offset).clamp(0.0, 1.0 - 1e-12)                          # wrapped fractional, [0,1)
-    pw = p - torch.bmm(offset.unsqueeze(1), c[b]).squeeze(1)              # wrapped Cartesian, Å
-    # perpendicular widths w_k = V / |a_l x a_m|
-    vol = torch.linalg.det(c).abs()
-    cross = torch.stack([torch.linalg.cross(c[:, 1], c[:, 2]), torch.linalg.cross(c[:, 2], c[:, 0]),
-                         torch.linalg.cross(c[:, 0], c[:, 1])], dim=1)     # (G,3,3)
-    width = vol.unsqueeze(-1) / torch.linalg.vector_norm(cross, dim=-1)   # (G,3) Å
-    nb = torch.clamp(torch.floor(2.0 * width / cutoff), min=1.0).long()  # bins per direction
-    reach = torch.ceil(cutoff * nb.to(torch.float64) / width - 1e-9).long().clamp(min=1)  # bins to scan
-    m = int(reach.max())                                                  # host sync
-    nbin_g = nb.prod(dim=1)                                               # (G,)
-    base = torch.cumsum(nbin_g, 0) - nbin_g                               # first bin id per graph
-    n_bins = int(nbin_g.sum())                                            # host sync
-    nb_a = nb[b]                                                          # (N,3)
+    pw = p - torch.bmm(offset.unsqueeze(1), pl.c_b).squeeze(1)            # wrapped Cartesian, Å
     bins = torch.minimum(torch.floor(fw * nb_a.to(torch.float64)).long(), nb_a - 1)
-    gid = base[b] + (bins[:, 0] * nb_a[:, 1] + bins[:, 1]) * nb_a[:, 2] + bins[:, 2]
+    gid = pl.base_b + (bins[:, 0] * nb_a[:, 1] + bins[:, 1]) * nb_a[:, 2] + bins[:, 2]
     order = torch.argsort(gid, stable=True)                               # atoms sorted by bin
-    count = torch.bincount(gid, minlength=n_bins)
+    count = torch.bincount(gid, minlength=pl.n_bins)
     start = torch.cumsum(count, 0) - count
-    rng = torch.arange(-m, m + 1, device=dev)
-    offs = torch.cartesian_prod(rng, rng, rng)                            # (K,3) bin offsets
-    n_off = int(offs.shape[0])
-    raw = bins.unsqueeze(1) + offs.unsqueeze(0)                           # (N,K,3)
+    raw = bins.unsqueeze(1) + pl.offs.unsqueeze(0)                        # (N,K,3)
     image = torch.div(raw, nb_a.unsqueeze(1), rounding_mode="floor")      # lattice image of that bin
     wrapped = raw - image * nb_a.unsqueeze(1)
-    nbr = base[b].unsqueeze(1) + (wrapped[..., 0] * nb_a[:, 1:2] + wrapped[..., 1]) * nb_a[:, 2:3] + wrapped[..., 2]
-    within_reach = (offs.abs().unsqueeze(0) <= reach[b].unsqueeze(1)).all(-1)  # (N,K)
-    cnt = torch.where(within_reach, count[nbr], torch.zeros_like(nbr)).reshape(-1)  # candidates per (atom, offset)
+    nbr = (pl.base_b.unsqueeze(1) + (wrapped[..., 0] * nb_a[:, 1:2] + wrapped[..., 1]) * nb_a[:, 2:3]
+           + wrapped[..., 2])
+    cnt = torch.where(pl.within_reach, count[nbr], torch.zeros_like(nbr)).reshape(-1)  # candidates per (atom, offset)
     first_j = start[nbr].reshape(-1)                                      # their first slot in ``order``
     # atom i moved into the frame of that bin's image: vec = pw[j] - q  (= pw[j] + S@c - pw[i])
-    q = (pw.unsqueeze(1) - torch.bmm(image.to(torch.float64), c[b])).reshape(-1, 3)  # (N*K,3) Å
+    q = (pw.unsqueeze(1) - torch.bmm(image.to(torch.float64), pl.c_b)).reshape(-1, 3)  # (N*K,3) Å
     center = n_off // 2                                                   # the zero offset
     per_atom = cnt.view(n_atoms, n_off).sum(1)
-    cum = torch.cumsum(per_atom, 0).cpu()                                 # host sync (chunk bounds)
+    # the call's one host sync: candidate counts (chunk bounds, output sizes) and the largest image
+    # offset of an atom (bounds the unwrapped shifts for the canonical sort key)
+    host = torch.cat([torch.cumsum(per_atom, 0), offset.abs().max().long().view(1)]).cpu()
+    cum, max_off = host[:-1], int(host[-1])
     bounds = [0]
     while bounds[-1] < n_atoms:                                           # atom chunks of <= budget candidates
         lo = bounds[-1]
@@ -187,9 +219,9 @@ def radius_graph_pbc(
     s = image.reshape(-1, 3)[src]                                         # image of j's bin, wrapped frame
     # image shift of the unwrapped input: p_w[j] - p_w[i] + s@c = p[j] - p[i] + (s - off_j + off_i)@c
     s = s - offset[j].long() + offset[i].long()
-    perm = _canonical_edge_order(i, j, s, n_atoms)
+    perm = _canonical_edge_order(i, j, s, n_atoms, k=pl.m + 2 * max_off + 1)
     i, j, s = i[perm], j[perm], s[perm]
-    shift = (s.to(torch.float64).unsqueeze(-1) * c[b[i]]).sum(1)          # (E,3) Å, float64, exact sum of 3
+    shift = (s.to(torch.float64).unsqueeze(-1) * pl.c_b[i]).sum(1)        # (E,3) Å, float64, exact sum of 3
     return torch.stack([i, j]), shift.to(pos.dtype)
 
 

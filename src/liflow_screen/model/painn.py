@@ -28,6 +28,7 @@ Everything depending only on X_tau (edges, edge vectors, radial features, unit v
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -78,8 +79,10 @@ class Conditioning:
 
     def padded(self, capacity: int) -> "Conditioning":
         """The same conditioning with ``capacity`` - E inert edges appended (static shapes for CUDA
-        graphs). A padding edge joins atom 0 to itself at 100 Å: both geometries' cutoff factors and
-        radial features are exactly 0 there, so it adds exactly 0 to every message."""
+        graphs). A padding edge joins an atom to itself at 100 Å: both geometries' cutoff factors and
+        radial features are exactly 0 there, so it adds exactly 0 to every message. Padding edges
+        are spread over the atoms (edge k on atom k mod N): piled on one atom, their atomic adds
+        serialise (measured on an H200: 1.8 s instead of 1.1 s per step for 512 structures)."""
         n = self.n_edges
         if capacity < n:
             raise ValueError(f"edge capacity {capacity} < {n} edges")
@@ -87,11 +90,12 @@ class Conditioning:
         if pad == 0:
             return replace(self, n_real_edges=n)
         dev, dt = self.vec1.device, self.vec1.dtype
+        n_atoms = int(self.s_static.shape[0]) if self.s_static is not None else int(self.edge_index.max()) + 1
+        who = torch.arange(pad, device=dev, dtype=self.edge_index.dtype) % max(n_atoms, 1)
         far = torch.zeros(pad, 3, dtype=dt, device=dev)
         far[:, 0] = 100.0
         cat = torch.cat
-        return replace(self, edge_index=cat([self.edge_index, torch.zeros(2, pad, dtype=self.edge_index.dtype,
-                                                                          device=dev)], 1),
+        return replace(self, edge_index=cat([self.edge_index, torch.stack([who, who])], 1),
                        vec1=cat([self.vec1, far]), shift=cat([self.shift, far]),
                        dist1=cat([self.dist1, torch.full((pad,), 100.0, dtype=dt, device=dev)]),
                        unit1=cat([self.unit1, far / 100.0]),
@@ -153,32 +157,39 @@ class TwoGeometryMessage(nn.Module):
         """s (N,F), v (N,3,F); rbf_aug (E,R+1) = [rbf1 f1 + rbf2 f2, f1 + f2] (the filter's input with
         the cutoff sum as the bias column: W_k = rbf_aug_k [W^T; b]); units (E,3,2) = [r̂1, r̂2].
         Returns the updated (s, v)."""
-        feat = self.features
-        grad = torch.is_grad_enabled()  # in-place edge ops only when no autograd graph is recorded
         phi = self.mlp_phi(s)  # (N,4F)
+        w_aug = torch.cat([self.linear_W.weight.t(), self.linear_W.bias.unsqueeze(0)], dim=0)  # (R+1,4F)
         ds = torch.zeros_like(s)
         dv = torch.zeros_like(v)
-        w_aug = torch.cat([self.linear_W.weight.t(), self.linear_W.bias.unsqueeze(0)], dim=0)  # (R+1,4F)
+        w_aug = w_aug.to(rbf_aug.dtype)
+        if self.edge_chunk is None:  # no size arithmetic: torch.compile keeps the edge count symbolic
+            self._edges(phi, v, edge_index[0], edge_index[1], rbf_aug, w_aug, units, ds, dv)
+            return s + ds, v + dv
         n_edges = edge_index.shape[1]
-        step = n_edges if not self.edge_chunk else int(self.edge_chunk)
-        for lo in range(0, n_edges, max(step, 1)):
+        step = max(int(self.edge_chunk), 1)
+        for lo in range(0, n_edges, step):
             hi = min(lo + step, n_edges)
-            whole = lo == 0 and hi == n_edges
-            i, j = (edge_index[0], edge_index[1]) if whole else (edge_index[0, lo:hi], edge_index[1, lo:hi])
-            x = torch.mm(rbf_aug if whole else rbf_aug[lo:hi], w_aug.to(rbf_aug.dtype))  # (e,4F) filter, cut off
-            pj = phi.index_select(0, j)
-            x = x * pj if grad or x.dtype != pj.dtype else x.mul_(pj)
-            x_s, x_vv = x[:, :feat], x[:, feat:2 * feat]
-            x_vs1, x_vs2 = x[:, 2 * feat:3 * feat], x[:, 3 * feat:]
-            u = units if whole else units[lo:hi]
-            # v_j ∘ x_vv  +  r̂_1 ⊗ x_vs1  +  r̂_2 ⊗ x_vs2
-            msg = v.index_select(0, j)
-            msg = msg * x_vv.unsqueeze(1) if grad else msg.mul_(x_vv.unsqueeze(1))
-            msg.addcmul_(u[:, :, 0:1], x_vs1.unsqueeze(1))
-            msg.addcmul_(u[:, :, 1:2], x_vs2.unsqueeze(1))
-            ds.index_add_(0, i, x_s.to(ds.dtype))
-            dv.index_add_(0, i, msg.to(dv.dtype))
+            self._edges(phi, v, edge_index[0, lo:hi], edge_index[1, lo:hi], rbf_aug[lo:hi], w_aug, units[lo:hi],
+                        ds, dv)
         return s + ds, v + dv
+
+    def _edges(self, phi: Tensor, v: Tensor, i: Tensor, j: Tensor, rbf_aug: Tensor, w_aug: Tensor, u: Tensor,
+               ds: Tensor, dv: Tensor) -> None:
+        """Add the messages of edges (i, j) to ds (N,F) and dv (N,3,F), in place."""
+        feat = self.features
+        grad = torch.is_grad_enabled()  # in-place edge ops only when no autograd graph is recorded
+        x = torch.mm(rbf_aug, w_aug)  # (e,4F) filter, cut off
+        pj = phi.index_select(0, j)
+        x = x * pj if grad or x.dtype != pj.dtype else x.mul_(pj)
+        x_s, x_vv = x[:, :feat], x[:, feat:2 * feat]
+        x_vs1, x_vs2 = x[:, 2 * feat:3 * feat], x[:, 3 * feat:]
+        # v_j ∘ x_vv  +  r̂_1 ⊗ x_vs1  +  r̂_2 ⊗ x_vs2
+        msg = v.index_select(0, j)
+        msg = msg * x_vv.unsqueeze(1) if grad else msg.mul_(x_vv.unsqueeze(1))
+        msg.addcmul_(u[:, :, 0:1], x_vs1.unsqueeze(1))
+        msg.addcmul_(u[:, :, 1:2], x_vs2.unsqueeze(1))
+        ds.index_add_(0, i, x_s.to(ds.dtype))
+        dv.index_add_(0, i, msg.to(dv.dtype))
 
 
 def _norm3(v: Tensor) -> Tensor:
@@ -245,6 +256,43 @@ def identity_element_rows(n_elements: int) -> Tensor:
     """Element table of models trained here: row = Z for Z < n_elements, else absent (-1)."""
     z = torch.arange(N_Z)
     return torch.where(z < n_elements, z, torch.full_like(z, -1))
+
+
+#: ``torch.compile`` switch of :meth:`FlowModel.forward` in inference (see :func:`use_compiled_field`).
+_COMPILE: dict[str, bool] = {"on": False}
+_COMPILED: dict[str, tuple] = {}
+
+
+class _Field(nn.Module):
+    """Holds a FlowModel so that ``torch.func.functional_call`` can run its :meth:`FlowModel.field`
+    with any same-architecture model's weights (one compiled graph for Propagator and Corrector)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.model.field(*args)
+
+
+def use_compiled_field(enabled: bool) -> None:
+    """Run inference through a ``torch.compile``d :meth:`FlowModel.field` (dynamic shapes; one
+    compilation per architecture, shared by every model of it). Edges should then not be chunked."""
+    _COMPILE["on"] = bool(enabled)
+
+
+def compiled_field(model: "FlowModel"):
+    """The compiled field of ``model``'s architecture, bound to ``model``'s weights."""
+    key = repr(sorted((k, v) for k, v in model.hparams.items() if k != "seed"))
+    if key not in _COMPILED:
+        # a copy holds the template, so every model's weights come in as inputs alike (one graph;
+        # with the template's own tensors as inputs torch.compile guards on their identity)
+        wrapper = _Field(copy.deepcopy(model))
+        _COMPILED[key] = (wrapper, torch.compile(
+            lambda state, *args: torch.func.functional_call(wrapper, state, args), dynamic=True))
+    _, fn = _COMPILED[key]
+    state = {f"model.{k}": v for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    return lambda *args: fn(state, *args)
 
 
 class FlowModel(nn.Module):
@@ -360,20 +408,32 @@ class FlowModel(nn.Module):
         # node features: the cached static part plus the flow-time block [f(t) ⊕ 0]
         own = cond.s_static is not None and cond.owner == id(self)  # another model's cache is not used
         s_static = cond.s_static if own else self.static_node_features(g, d.dtype)
-        tfeat = self.time_embedding(t)  # (G,F/2)
-        s = s_static + torch.cat([tfeat, torch.zeros_like(tfeat)], dim=-1)[g.batch]
+        # flow time per atom: no tensor of the compiled field has the batch's graph count as a size
+        # (torch.compile would specialise a one-structure batch and compile again)
+        args = (d, t[g.batch], s_static, cond.edge_index, cond.vec1, cond.unit1, cond.rbfc1, cond.fcut1)
+        if _COMPILE["on"] and not torch.is_grad_enabled():
+            return compiled_field(self)(*args)
+        return self.field(*args)
+
+    def field(self, d: Tensor, t_atom: Tensor, s_static: Tensor, edge_index: Tensor, vec1: Tensor,
+              unit1: Tensor, rbfc1: Tensor, fcut1: Tensor) -> Tensor:
+        """The vector field (N,3) from tensors only (what ``torch.compile`` traces): d (N,3) Å,
+        t_atom (N,) the flow time of each atom's graph, s_static (N,F), and the conditioning's edge
+        tensors (see :class:`Conditioning`)."""
+        tfeat = self.time_embedding(t_atom)  # (N,F/2)
+        s = s_static + torch.cat([tfeat, torch.zeros_like(tfeat)], dim=-1)
         v = d.unsqueeze(-1) * self.linear_v.weight[:, 0]  # (N,3,F)
         # geometry 2
-        i, j = cond.edge_index[0], cond.edge_index[1]
-        vec2 = cond.vec1 + d[j] - d[i]
+        i, j = edge_index[0], edge_index[1]
+        vec2 = vec1 + d[j] - d[i]
         dist2 = torch.linalg.vector_norm(vec2, dim=-1)
         unit2 = vec2 / (dist2.unsqueeze(-1) + _UNIT_EPS)
         rbf2, fcut2 = self.radial_embedding(dist2)
-        rbf_aug = torch.cat([torch.addcmul(cond.rbfc1, rbf2, fcut2.unsqueeze(-1)),
-                             (cond.fcut1 + fcut2).unsqueeze(-1)], dim=-1)  # (E,R+1)
-        units = torch.stack([cond.unit1, unit2], dim=-1)  # (E,3,2)
+        rbf_aug = torch.cat([torch.addcmul(rbfc1, rbf2, fcut2.unsqueeze(-1)),
+                             (fcut1 + fcut2).unsqueeze(-1)], dim=-1)  # (E,R+1)
+        units = torch.stack([unit1, unit2], dim=-1)  # (E,3,2)
         for message, update in zip(self.messages, self.updates):
-            s, v = message(s, v, cond.edge_index, rbf_aug, units)
+            s, v = message(s, v, edge_index, rbf_aug, units)
             s, v = update(s, v)
         return self.output_block(s, v)
 

@@ -72,12 +72,15 @@ CPU_BATCH_ATOMS = 4096
 #: Bytes per atom a batched rollout needs on a GPU (two models' CUDA-graph pools, ~60 edges per atom
 #: at BYTES_PER_EDGE each, with headroom): sizes rollout.batch_atoms from free memory.
 CUDA_BYTES_PER_ATOM = 2 * 64 * 8192
-CUDA_MAX_BATCH_ATOMS = 1 << 17
+#: At most 65,536 atoms per CUDA batch: past ~180k atoms (~8M edges) the (E, 256) message tensors pass
+#: 2^31 elements and torch.compile's 64-bit-indexed kernels ran 4x slower per structure (H200).
+CUDA_MAX_BATCH_ATOMS = 1 << 16
 
 
 def batch_atom_budget(cfg_value: int | None, device: Any) -> int:
     """Atoms per batched graph: rollout.batch_atoms if set; else on CUDA half the free device
-    memory at CUDA_BYTES_PER_ATOM per atom (at most CUDA_MAX_BATCH_ATOMS), on CPU CPU_BATCH_ATOMS."""
+    memory at CUDA_BYTES_PER_ATOM per atom (at most CUDA_MAX_BATCH_ATOMS: 512 x 112-atom cells gave
+    the best structure-ps/s on an H200), on CPU CPU_BATCH_ATOMS."""
     if cfg_value is not None:
         return int(cfg_value)
     import torch
@@ -151,7 +154,8 @@ def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.Data
         res = rollout(prop, corr, g, sig_p, sig_c, n_steps, int(rc["n_flow"]), keys,
                       max_step_displacement=float(rc["max_step_displacement"]), retries=int(rc["retries"]),
                       regressor=regressor, progress=sink is not None, corrector_every=int(rc["corrector_every"]),
-                      n_flow_corrector=rc["n_flow_corrector"], on_frame=sink, precision=str(rc["precision"]))
+                      n_flow_corrector=rc["n_flow_corrector"], on_frame=sink, precision=str(rc["precision"]),
+                      compile=rc["compile"])
         wall = time.perf_counter() - t0
         log.info("batch of %d pairs, %d atoms: %d steps in %.1f s (%.3f s per step, %.1f structure-steps/s)",
                  len(batch), g.pos.shape[0], n_steps, wall, wall / n_steps, len(batch) * n_steps / max(wall, 1e-9))
