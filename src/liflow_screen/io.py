@@ -16,7 +16,7 @@ from typing import Any
 
 _TRACKED = (
     "liflow-screen", "torch", "numpy", "pandas", "pyarrow", "ase", "pymatgen", "mp-api",
-    "mace-torch", "chgnet", "torch-geometric", "vesin-torch", "kinisi", "snakemake",
+    "mace-torch", "chgnet", "vesin-torch", "kinisi", "snakemake",
 )
 
 
