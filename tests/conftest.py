@@ -32,3 +32,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def parity_errors(prop, corr, fixture, structure: str) -> dict:
+    """Max |ours - reference| (Å) of one parity-fixture structure (``shared/liflow-reference``):
+    ``evals`` {(k, "P"|"C"): error} of the Propagator / Corrector outputs, ``after_P`` and ``next``
+    of the whole 1-ps step, and ``move`` (the step's largest displacement, to show it is a real move)."""
+    import numpy as np
+    import torch
+
+    from liflow_screen.model.graph import make_batch
+    from liflow_screen.rollout import liflow_step
+
+    fx, s = fixture, structure
+    nums, pos, cell = fx[f"{s}/numbers"], fx[f"{s}/positions"], fx[f"{s}/cell"]
+    out: dict = {"evals": {}}
+    with torch.no_grad():
+        for k in range(3):
+            e = f"{s}/eval{k}"
+            g = make_batch([nums], [pos], [cell], [float(fx[f"{e}/T"])])
+            t = torch.tensor([float(fx[f"{e}/t"])])
+            for model, tag in ((prop, "P"), (corr, "C")):
+                v = model(torch.as_tensor(fx[f"{e}/D_{tag}"]), t, g).numpy()
+                out["evals"][(k, tag)] = float(np.abs(v - fx[f"{e}/v_{tag}"]).max())
+        g = make_batch([nums], [pos], [cell], [float(fx[f"{s}/step/T"])])
+        x_p, x_next = liflow_step(prop, corr, g, torch.as_tensor(fx[f"{s}/step/D0_P"]),
+                                  torch.as_tensor(fx[f"{s}/step/D0_C"]), n_flow=10)
+    out["after_P"] = float(np.abs(x_p.numpy() - fx[f"{s}/step/X_after_P"]).max())
+    out["next"] = float(np.abs(x_next.numpy() - fx[f"{s}/step/X_next"]).max())
+    out["move"] = float(np.abs(x_next.numpy() - pos).max())
+    return out

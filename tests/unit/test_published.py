@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, parity_errors
 from liflow_screen.errors import InputError, LiflowError
 from liflow_screen.model import published as pub
 from liflow_screen.model.graph import make_batch
 from liflow_screen.model.painn import UnknownElementError
 from liflow_screen.model.train import flow_meta, load_flow
-from liflow_screen.rollout import liflow_step
 
 SHARED = REPO.parent / "shared" / "liflow-reference"
 needs_shared = pytest.mark.skipif(not (SHARED / "parity_fixture.npz").is_file(),
@@ -48,25 +47,13 @@ def test_parity_with_reference_implementation(universal, one_torch_thread) -> No
     prop, corr = load_flow(universal[0]), load_flow(universal[1])
     fx = np.load(SHARED / "parity_fixture.npz")
     worst = 0.0
-    with torch.no_grad():
-        for s in FIXTURE_STRUCTURES:
-            nums, pos, cell = fx[f"{s}/numbers"], fx[f"{s}/positions"], fx[f"{s}/cell"]
-            for k in range(3):
-                e = f"{s}/eval{k}"
-                g = make_batch([nums], [pos], [cell], [float(fx[f"{e}/T"])])
-                t = torch.tensor([float(fx[f"{e}/t"])])
-                for model, tag in ((prop, "P"), (corr, "C")):
-                    out = model(torch.as_tensor(fx[f"{e}/D_{tag}"]), t, g).numpy()
-                    err = np.abs(out - fx[f"{e}/v_{tag}"]).max()
-                    assert err < TOL, (s, k, tag, err)
-                    worst = max(worst, err)
-            g = make_batch([nums], [pos], [cell], [float(fx[f"{s}/step/T"])])
-            x_p, x_next = liflow_step(prop, corr, g, torch.as_tensor(fx[f"{s}/step/D0_P"]),
-                                      torch.as_tensor(fx[f"{s}/step/D0_C"]), n_flow=10)
-            assert np.abs(x_p.numpy() - fx[f"{s}/step/X_after_P"]).max() < TOL, s
-            assert np.abs(x_next.numpy() - fx[f"{s}/step/X_next"]).max() < TOL, s
-            # the step is a real move, not the identity (so the comparison can fail)
-            assert np.abs(x_next.numpy() - pos).max() > 0.05
+    for s in FIXTURE_STRUCTURES:
+        err = parity_errors(prop, corr, fx, s)
+        for (k, tag), e in err["evals"].items():
+            assert e < TOL, (s, k, tag, e)
+            worst = max(worst, e)
+        assert err["after_P"] < TOL and err["next"] < TOL, (s, err)
+        assert err["move"] > 0.05  # the step is a real move, not the identity (so the comparison can fail)
     assert worst > 0  # float32 round-off differs from the reference's, never exactly equal
 
 

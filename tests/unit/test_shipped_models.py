@@ -21,13 +21,11 @@ import torch
 import yaml
 from test_published import SHARED, TOL, needs_shared
 
-from conftest import REPO
+from conftest import REPO, parity_errors
 from liflow_screen.errors import InputError, LiflowError
 from liflow_screen.io import sha256_of
 from liflow_screen.model import published as pub
-from liflow_screen.model.graph import make_batch
 from liflow_screen.model.train import CKPT_FORMAT, flow_meta, load_flow
-from liflow_screen.rollout import liflow_step
 
 PARITY_STRUCTURE = "LiCl"  # 8 atoms: one structure is enough here (test_published checks all four)
 
@@ -90,23 +88,10 @@ def test_shipped_files_match_provenance() -> None:
 def test_shipped_models_reproduce_the_reference(one_torch_thread) -> None:
     """The shipped P and C reproduce the reference implementation's outputs and one whole step."""
     prop, corr = load_flow(pub.shipped_model("P_universal")), load_flow(pub.shipped_model("C_universal"))
-    fx = np.load(SHARED / "parity_fixture.npz")
-    s = PARITY_STRUCTURE
-    nums, pos, cell = fx[f"{s}/numbers"], fx[f"{s}/positions"], fx[f"{s}/cell"]
-    with torch.no_grad():
-        for k in range(3):
-            e = f"{s}/eval{k}"
-            g = make_batch([nums], [pos], [cell], [float(fx[f"{e}/T"])])
-            t = torch.tensor([float(fx[f"{e}/t"])])
-            for model, tag in ((prop, "P"), (corr, "C")):
-                out = model(torch.as_tensor(fx[f"{e}/D_{tag}"]), t, g).numpy()
-                assert np.abs(out - fx[f"{e}/v_{tag}"]).max() < TOL, (k, tag)
-        g = make_batch([nums], [pos], [cell], [float(fx[f"{s}/step/T"])])
-        x_p, x_next = liflow_step(prop, corr, g, torch.as_tensor(fx[f"{s}/step/D0_P"]),
-                                  torch.as_tensor(fx[f"{s}/step/D0_C"]), n_flow=10)
-    assert np.abs(x_p.numpy() - fx[f"{s}/step/X_after_P"]).max() < TOL
-    assert np.abs(x_next.numpy() - fx[f"{s}/step/X_next"]).max() < TOL
-    assert np.abs(x_next.numpy() - pos).max() > 0.05  # a real move
+    err = parity_errors(prop, corr, np.load(SHARED / "parity_fixture.npz"), PARITY_STRUCTURE)
+    assert max(err["evals"].values()) < TOL, err
+    assert err["after_P"] < TOL and err["next"] < TOL, err
+    assert err["move"] > 0.05  # a real move
 
 
 @needs_shared
