@@ -154,9 +154,10 @@ EDGE_HEADROOM = 1.05
 
 class FlowRunner:
     """Prior draw + Euler flow integration of one model over a (sub-)batch: eagerly, or replayed
-    from a captured CUDA graph (static shapes: the conditioning is padded to an edge capacity that
-    is recaptured with 5 % headroom when a step needs more; one capture per (sub-batch, capacity)). The counter
-    (step, draw) lives in a device tensor, so the noise is drawn inside the graph too."""
+    from a captured CUDA graph. Shapes are static in a graph: the conditioning is padded with inert
+    edges to a capacity (5 % headroom; a step that needs more captures again), one capture per
+    (sub-batch, capacity). The counter (step, draw) lives in a device tensor, so the noise is drawn
+    inside the graph too."""
 
     def __init__(self, model: FlowModel, n_flow: int, cuda_graph: bool) -> None:
         self.model, self.n_flow, self.cuda_graph = model, int(n_flow), bool(cuda_graph)
@@ -179,8 +180,8 @@ class FlowRunner:
             self._capture(g, cond.padded(cap), sigma, stream, key + (cap,))
         else:
             padded = cond.padded(self._key[2])
-            for name in ("edge_index", "vec1", "unit1", "rbfc1", "fcut1"):
-                st["cond"].__dict__[name].copy_(getattr(padded, name))
+            for name in ("edge_index", "vec1", "unit1", "rbfc1", "fcut1"):  # what the field reads
+                getattr(st["cond"], name).copy_(getattr(padded, name))
         st["counter"][0].fill_(counter[0])
         st["counter"][1].fill_(counter[1])
         self._graph.replay()
@@ -220,8 +221,9 @@ def liflow_step(propagator: FlowModel, corrector: FlowModel | None, g: GraphBatc
     Propagator: X~ = X_tau + D with D integrated from ``d0_prop`` (a regressor is called once at
     D = 0, t = 0 instead); Corrector (if any): conditioned on X~, D_c integrated from ``d0_corr``
     in ``n_flow_corrector`` (default ``n_flow``) Euler steps, X' = X~ + D_c; finally the CoM drift
-    relative to X_tau is removed. Returns (X~, X'), Å. (The reference for one step: the batched
-    engine, :func:`rollout`, computes the same with its own noise and static-shape machinery.)
+    relative to X_tau is removed. Returns (X~, X'), Å. The batched engine (:func:`rollout`) runs
+    this step with counter-based noise and CUDA-graph replay; tests replay its steps with this
+    function.
     """
     if regressor:
         d = propagator(torch.zeros_like(g.pos), torch.zeros(g.n_graphs, device=g.pos.device), g)
