@@ -27,6 +27,7 @@ current frame is kept in memory (a 1,000-step rollout of a 3,200-atom cell does 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ from .geometry import center_of_mass
 from .model.graph import GraphBatch
 from .model.painn import FlowModel
 from .model.priors import counter_normal
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -281,6 +284,15 @@ def edge_chunk_policy(device: torch.device, n_edges: int, edge_chunk: int | str 
     return None if n_edges <= fit else int(fit)
 
 
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.compile's own failure (the backend, e.g. Triton, could not compile)."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, BackendCompilerFailed)
+
+
 def compile_policy(device: torch.device, compile: bool | str) -> bool:
     """``rollout.compile``: auto = on for CUDA when Triton is available (measured on an H200: 2.2x
     the structure-ps/s of eager at 512 structures, 1.5x on one 200-atom cell), off on CPU (eager
@@ -468,50 +480,64 @@ def rollout(
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc=f"rollout {n_graphs} graphs, {n_atoms} atoms", unit="step", mininterval=10.0)
-    with torch.no_grad(), _Precision(precision, dev):
-        active = tuple(range(n_graphs))
-        for step in steps:
-            if not active:
-                break
-            pending = active
-            why: dict[int, str] = {}
-            correct = corrector is not None and (step + 1) % corrector_every == 0
-            for attempt in range(retries + 1):
-                x_new, atoms, sub = propose(pending, step, attempt, correct)
-                disp = torch.nan_to_num(torch.linalg.vector_norm(x_new - sub.pos, dim=-1), nan=float("inf"))
-                max_disp = torch.zeros(sub.n_graphs, device=dev).scatter_reduce(0, sub.batch, disp, reduce="amax",
-                                                                                include_self=True)
-                finite = ~_graph_any(~torch.isfinite(x_new).all(-1), sub)
-                ok_dev = finite & (max_disp <= max_step_displacement)
-                if len(pending) == n_graphs:
-                    x = torch.where(ok_dev[sub.batch].unsqueeze(-1), x_new, x)
-                else:
-                    x[atoms] = torch.where(ok_dev[sub.batch].unsqueeze(-1), x_new, x[atoms])
-                checks = torch.stack([ok_dev.float(), finite.float(), max_disp]).cpu()  # the step's one host sync
-                ok, fin, mdisp = checks[0].bool().tolist(), checks[1].bool().tolist(), checks[2].tolist()
-                failed = [k for k, good in zip(pending, ok) if not good]
-                for local, k in enumerate(pending):
-                    if not ok[local]:
-                        why[k] = ("non-finite positions" if not fin[local]
-                                  else f"max displacement {mdisp[local]:.3g} Å > {max_step_displacement:g} Å")
-                if attempt > 0:
-                    n_retries[list(pending)] += 1
-                pending = tuple(failed)
-                if not pending:
+    try:
+        with torch.no_grad(), _Precision(precision, dev):
+            active = tuple(range(n_graphs))
+            for step in steps:
+                if not active:
                     break
-            for k in pending:
-                diverged[k] = True
-                reason[k] = f"diverged at step {step + 1}: {why[k]} (after {retries} retries)"
-            if pending:
-                active = tuple(k for k in active if k not in set(pending))
-            done = [k for k in active]
-            n_ok[done] += 1
-            frame = x.detach().to("cpu", torch.float32)
-            if stream_out:
-                positions[0] = frame
-                on_frame(step + 1, frame.numpy(), (~diverged).numpy())
-            else:
-                positions[step + 1] = frame
+                pending = active
+                why: dict[int, str] = {}
+                correct = corrector is not None and (step + 1) % corrector_every == 0
+                for attempt in range(retries + 1):
+                    try:
+                        x_new, atoms, sub = propose(pending, step, attempt, correct)
+                    except Exception as exc:  # a failed compilation must not sink a screening run
+                        if not (compile and _is_compile_failure(exc)):
+                            raise
+                        log.warning("torch.compile failed (%s: %s); continuing without it",
+                                    type(exc).__name__, str(exc).splitlines()[0][:200])
+                        compile = False
+                        use_compiled_field(False)
+                        runners["P"] = FlowRunner(propagator, n_flow, use_graphs and not regressor)
+                        runners["C"] = FlowRunner(corrector, nfc, use_graphs) if corrector is not None else None
+                        x_new, atoms, sub = propose(pending, step, attempt, correct)
+                    disp = torch.nan_to_num(torch.linalg.vector_norm(x_new - sub.pos, dim=-1), nan=float("inf"))
+                    max_disp = torch.zeros(sub.n_graphs, device=dev).scatter_reduce(0, sub.batch, disp, reduce="amax",
+                                                                                    include_self=True)
+                    finite = ~_graph_any(~torch.isfinite(x_new).all(-1), sub)
+                    ok_dev = finite & (max_disp <= max_step_displacement)
+                    if len(pending) == n_graphs:
+                        x = torch.where(ok_dev[sub.batch].unsqueeze(-1), x_new, x)
+                    else:
+                        x[atoms] = torch.where(ok_dev[sub.batch].unsqueeze(-1), x_new, x[atoms])
+                    checks = torch.stack([ok_dev.float(), finite.float(), max_disp]).cpu()  # the step's one host sync
+                    ok, fin, mdisp = checks[0].bool().tolist(), checks[1].bool().tolist(), checks[2].tolist()
+                    failed = [k for k, good in zip(pending, ok) if not good]
+                    for local, k in enumerate(pending):
+                        if not ok[local]:
+                            why[k] = ("non-finite positions" if not fin[local]
+                                      else f"max displacement {mdisp[local]:.3g} Å > {max_step_displacement:g} Å")
+                    if attempt > 0:
+                        n_retries[list(pending)] += 1
+                    pending = tuple(failed)
+                    if not pending:
+                        break
+                for k in pending:
+                    diverged[k] = True
+                    reason[k] = f"diverged at step {step + 1}: {why[k]} (after {retries} retries)"
+                if pending:
+                    active = tuple(k for k in active if k not in set(pending))
+                done = [k for k in active]
+                n_ok[done] += 1
+                frame = x.detach().to("cpu", torch.float32)
+                if stream_out:
+                    positions[0] = frame
+                    on_frame(step + 1, frame.numpy(), (~diverged).numpy())
+                else:
+                    positions[step + 1] = frame
+    finally:
+        use_compiled_field(False)  # the switch is process-wide: leave it off for other callers
     # stored frames after a frozen graph's last good step repeat that frame
     ptr = g0.ptr.cpu()
     if not stream_out:

@@ -228,3 +228,33 @@ def test_cuda_graph_replay_equals_eager_on_gpu() -> None:
     a = rollout(prop, corr, g, sp, sc, n_steps=4, n_flow=3, generator=keys, cuda_graphs=True)
     b = rollout(prop, corr, g, sp, sc, n_steps=4, n_flow=3, generator=keys, cuda_graphs=False)
     np.testing.assert_allclose(a.positions.numpy(), b.positions.numpy(), atol=1e-4)
+
+
+def test_a_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:
+    """A torch.compile backend failure (e.g. no working Triton) logs a warning and the rollout goes
+    on uncompiled, with the same numbers as an uncompiled run; other errors still propagate."""
+    import liflow_screen.rollout as ro
+
+    class Broken(RuntimeError):
+        pass
+
+    def broken_field(model):
+        def fail(*args):
+            raise Broken("backend failed")
+        return fail
+
+    g = batch(random_crystals(2, seed=2, n_atoms=(6, 10), size=(6.0, 8.0)))
+    prop, corr = FlowModel(**SMALL, seed=1).eval(), FlowModel(**SMALL, seed=2).eval()
+    sp, sc = prior_sigma(g, "uniform", 1.0), prior_sigma(g, "isotropic", 0.05)
+    keys = torch.tensor([[1, 2], [3, 4]])
+    ref = rollout(prop, corr, g, sp, sc, n_steps=2, n_flow=2, generator=keys, edge_chunk=None)
+    monkeypatch.setattr(painn, "compiled_field", broken_field)
+    monkeypatch.setattr(ro, "_is_compile_failure", lambda exc: isinstance(exc, Broken))
+    with caplog.at_level("WARNING"):
+        got = rollout(prop, corr, g, sp, sc, n_steps=2, n_flow=2, generator=keys, compile=True)
+    assert "torch.compile failed" in caplog.text
+    assert torch.equal(got.positions, ref.positions)
+    monkeypatch.setattr(ro, "_is_compile_failure", lambda exc: False)
+    with pytest.raises(Broken):
+        rollout(prop, corr, g, sp, sc, n_steps=1, n_flow=2, generator=keys, compile=True)
+
