@@ -11,7 +11,12 @@ from snakemake.utils import min_version, validate
 min_version("8.20")
 
 
-configfile: "config.yaml"
+# config.yaml is the default run. A config given with --configfile replaces it (it is not merged
+# on top of it), so a config's keys are its own plus the schema's defaults; --config KEY=VALUE
+# alone overrides keys of config.yaml.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 # defaults are filled by the package (below), after the cross-key rules that need the raw values
@@ -108,3 +113,4 @@ rule all:
     input:
         f"{R}/reports/ranking.csv",
         f"{R}/reports/metrics.csv",
+        f"{R}/reports/spearman.csv",

@@ -206,15 +206,18 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis", required=True, type=Path, nargs="+", help="analysis tables (Parquet)")
     p.add_argument("--status", type=Path, nargs="*", default=[], help="status tables (MD dataset, rollout chunks)")
     p.add_argument("--priors", type=Path, nargs="*", default=[], help="priors tables of the rollout chunks")
+    p.add_argument("--models", type=Path, nargs="*", default=[],
+                   help="flow-model checkpoints the rollouts used (their SHA-256 go into the provenance)")
     p.add_argument("--out-dir", required=True, type=Path)
 
 
-@command("report", "metrics.csv (Table 1 layout), ranking.csv, prior_classes.csv and plots", _args_report)
+@command("report", "metrics.csv (Table 1 layout), ranking.csv, prior_classes.csv, spearman.csv and plots",
+         _args_report)
 def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from .stages import report
 
     report.run(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
-               variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels)
+               variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels, models=ns.models)
 
 
 def _args_verify(p: argparse.ArgumentParser) -> None:

@@ -118,13 +118,17 @@ def test_end_to_end_outputs(reference_run):
     assert ranking["id"].iloc[-1] == "LiAm" and pd.isna(am_row["rank"])
     # ranks only for rows with a σ(300 K) from a valid fit; every other row says why
     ranked = ranking[ranking["status"] == "ranked"]
-    assert ranked["sigma_300K_S_cm"].notna().all() and (np.diff(ranked["sigma_300K_S_cm"]) <= 0).all()
+    assert ranked["sigma_300K_S_cm"].notna().all() and (np.diff(ranked["sigma_300K_S_cm_rankq"]) <= 0).all()
     assert ranking.loc[ranking["status"] != "ranked", "reason"].str.len().gt(0).all()
     assert ranking.loc[ranking["status"] != "ranked", "sigma_300K_S_cm"].isna().all()
     metrics = pd.read_csv(res / "reports" / "metrics.csv")
     assert sorted(metrics["temperature"]) == [600, 900] and set(metrics["model"]) == {"adaptive"}
     assert (res / "reports" / "parity" / "parity_600K.png").stat().st_size > 1000
     assert {"tau_ps", "n", "stable_pct", "phys_stable_pct", "warning"} <= set(metrics.columns)
+    # spearman.csv: LiFlow vs the MD per temperature (no panel compound here: no literature rows)
+    sp = pd.read_csv(res / "reports" / "spearman.csv")
+    assert set(sp["comparison"]) == {"liflow_vs_md"} and sorted(sp["temperature_K"]) == [600, 900]
+    assert (sp.sort_values("temperature_K")["n"].to_numpy() == metrics.sort_values("temperature")["n"].to_numpy()).all()
     prov = schema.read_provenance(res / "dataset" / "labels.parquet")
     assert prov["config"]["run_name"] == "tiny-e2e" and "chgnet" in prov["versions"]
     for rule_log in ("structures.log", "dataset.log", "report.log"):

@@ -250,10 +250,33 @@ def test_config_errors_are_one_line_nonzero(tmp_path, text, needle):
     assert len(lines) == 1 and needle in lines[0]
 
 
+def test_panel_source_with_own_structures(tmp_path):
+    """source panel: the chosen panel compounds (ids of data/panel.yaml) plus the user's CIFs."""
+    from conftest import REPO
+
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "LiBr.cif").write_text((REPO / ".test" / "tiny" / "LiBr.cif").read_text())
+    cfg = config.validate({"structures": {"source": "panel", "panel_ids": ["panel-Li3N", "panel-Li4P2S6"],
+                                          "path": str(tmp_path / "own"), "min_width": 5.0}})
+    df, rejected, extra = structures.build_manifest(cfg)
+    assert not rejected and sorted(df["id"]) == ["LiBr", "panel-Li3N", "panel-Li4P2S6"]
+    assert extra["panel_ids"] == ["panel-Li3N", "panel-Li4P2S6"] and extra["own_structures"]["ids"] == ["LiBr"]
+    assert "Rabenau" in df.set_index("id").loc["panel-Li3N", "source"]
+    with pytest.raises(LiflowError, match="unknown panel id"):
+        structures.build_manifest(config.validate({"structures": {"source": "panel", "panel_ids": ["panel-Nope"]}}))
+    with pytest.raises(LiflowError, match="panel_ids"):
+        config.validate({"structures": {"panel_ids": ["Li3N"]}})  # ids of the panel start with panel-
+
+
 def test_shipped_configs_validate():
     from conftest import REPO
 
-    config.load(REPO / "config.yaml")
+    for name in ("config.yaml", "config/panel.yaml", "config/train-demo.yaml"):
+        cfg = config.load(REPO / name)
+        assert cfg["structures"]["source"] == ("embedded" if "train-demo" in name else "panel"), name
+    assert not (REPO / "config" / "pretrained.yaml").exists()  # the default is the published-model screening
+    demo = config.load(REPO / "config" / "train-demo.yaml")
+    assert demo["train"]["variants"] == ["adaptive"] and demo["pretrained"]["propagator"] is None
     if (REPO / "config" / "paper.yaml").exists():
         cfg = config.load(REPO / "config" / "paper.yaml")
         assert cfg["md"]["temperatures"] == [600, 800, 1000, 1200]

@@ -55,6 +55,16 @@ def corrector_files(variant):
     return [f"{R}/train/corrector/best.pt"]
 
 
+def rollout_model_files():
+    """The flow-model checkpoints of every rollout variant (their SHA-256 go into the reports)."""
+    files = []
+    for v in ROLL_VARIANTS:
+        for f in [propagator_file(v)] + corrector_files(v):
+            if f not in files:
+                files.append(f)
+    return files
+
+
 def rollout_chunk_files(name):
     """``name`` (status.parquet, priors.parquet) of every rollout chunk of every variant."""
     return [

@@ -6,6 +6,7 @@ rule report:
         analysis=report_analysis_inputs,
         status=lambda w: rollout_chunk_files("status.parquet"),
         priors=lambda w: rollout_chunk_files("priors.parquet"),
+        models=lambda w: rollout_model_files(),
     output:
         ranking=report(
             f"{R}/reports/ranking.csv",
@@ -18,6 +19,16 @@ rule report:
             category="Metrics",
         ),
         prior_classes=f"{R}/reports/prior_classes.csv",
+        spearman=report(
+            f"{R}/reports/spearman.csv",
+            caption="../report/spearman.rst",
+            category="Ranking",
+        ),
+        spearman_plot=report(
+            f"{R}/reports/spearman_literature.png",
+            caption="../report/spearman_literature.rst",
+            category="Ranking",
+        ),
         diffusivity=report(
             f"{R}/reports/diffusivity.csv",
             caption="../report/diffusivity.rst",
@@ -49,4 +60,4 @@ rule report:
     shell:
         "python -m liflow_screen report --config {params.config} --structures {input.structures} --labels {input.labels} "
         "--analysis {input.analysis} --status {input.md_status} {input.status} --priors {input.priors} "
-        "--out-dir {params.out_dir} 2> {log}"
+        "--models {input.models} --out-dir {params.out_dir} 2> {log}"

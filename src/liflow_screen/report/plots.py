@@ -134,3 +134,86 @@ def arrhenius_plots(ranking: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]]
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def literature_plot(ranking: pd.DataFrame, literature: pd.DataFrame, spearman: pd.DataFrame, path: Path,
+                    prov: dict[str, Any], target_T: float = 300.0) -> Path:
+    """Predicted σ(``target_T``) against the literature room-temperature σ (S/cm), log-log.
+
+    Ranked rows: posterior median with its 95 % interval (bar) and the ranking quantity, the 2.5 %
+    quantile (open circle). Unresolved rows have no σ: they are drawn as open triangles on a strip
+    below every prediction, at their literature σ, because the Spearman comparison ranks them below
+    every resolved row. Rows without a literature value, or excluded from the comparison (no rollout,
+    unstable, non-Arrhenius), are not drawn; the title gives ρ of the ranking quantity with n and its
+    bootstrap 95 % interval (every row by its status) and ρ over resolved rows only
+    (:func:`report.spearman.spearman_vs_literature`).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tgt = f"{round(target_T)}K"
+    lit = literature.set_index(literature["id"].astype(str))["sigma_rt_S_cm"]
+    rk = ranking[ranking["id"].astype(str).isin(lit.index)] if len(ranking) else ranking
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    med_col, lo_col, hi_col, q_col = (f"sigma_{tgt}_S_cm", f"sigma_{tgt}_S_cm_low", f"sigma_{tgt}_S_cm_high",
+                                      f"sigma_{tgt}_S_cm_rankq")
+    ranked = rk[rk["status"] == "ranked"] if len(rk) else rk
+    slow = rk[rk["status"] == "unresolved"] if len(rk) else rk
+    ys = []
+    if len(ranked):
+        x = lit.loc[ranked["id"].astype(str)].to_numpy(float)
+        y = ranked[med_col].to_numpy(float)
+        lo, hi = ranked[lo_col].to_numpy(float), ranked[hi_col].to_numpy(float)
+        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="o", color="C0", capsize=3,
+                    label=f"ranked: median, 95 % interval (n={len(ranked)})")
+        ax.scatter(x, ranked[q_col].to_numpy(float), marker="o", facecolors="none", edgecolors="C0", s=30,
+                   label="ranked by: 2.5 % quantile")
+        for xi, yi, name in zip(x, y, ranked["formula"].astype(str)):
+            ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ys = [v for v in np.concatenate([y, lo, ranked[q_col].to_numpy(float)]) if np.isfinite(v) and v > 0]
+    lit_all = lit.loc[rk["id"].astype(str)].to_numpy(float) if len(rk) else np.array([])
+    floor = (min(ys) / 30.0) if ys else (np.nanmin(lit_all) / 30.0 if lit_all.size else 1e-12)
+    if len(slow):
+        x = lit.loc[slow["id"].astype(str)].to_numpy(float)
+        ax.scatter(x, np.full(x.shape, floor), marker="v", facecolors="none", edgecolors="C3", s=40,
+                   label=f"unresolved: ranked below every resolved row (n={len(slow)})")
+        for xi, name in zip(x, slow["formula"].astype(str)):
+            ax.annotate(name, (xi, floor), fontsize=6, rotation=90, xytext=(0, -4), textcoords="offset points",
+                        ha="center", va="top", color="C3")
+        ax.axhline(floor * 3.0, color="0.7", lw=0.6, ls=":")
+    if lit_all.size:
+        lo_ax = min(np.nanmin(lit_all), floor) / 10.0
+        hi_ax = max(np.nanmax(lit_all), max(ys) if ys else 1e-2) * 10.0
+        ax.plot([lo_ax, hi_ax], [lo_ax, hi_ax], "k--", lw=0.8, label="y = x")
+        ax.set_xlim(lo_ax, hi_ax)
+        ax.set_ylim(floor / 30.0, hi_ax)
+    else:
+        ax.text(0.5, 0.5, "no screened structure has a literature value\n(structures.source: panel compares)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=10, color="0.3")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("literature σ at room temperature (S/cm)")
+    ax.set_ylabel(f"LiFlow σ({target_T:g} K), Nernst–Einstein (S/cm)")
+
+    def _rho(subset: str) -> str:
+        if spearman is None or not len(spearman):
+            return "ρ: n/a"
+        s = spearman[(spearman["comparison"] == "liflow_vs_literature") & (spearman["quantity"] == q_col)
+                     & (spearman["subset"] == subset)]
+        if not len(s):
+            return "ρ: n/a"
+        r = s.iloc[0]
+        if not np.isfinite(float(r["rho"])):
+            return f"ρ: n/a (n = {int(r['n'])})"
+        return f"ρ = {float(r['rho']):.2f} [{float(r['rho_low']):.2f}, {float(r['rho_high']):.2f}], n = {int(r['n'])}"
+
+    ax.set_title(f"Spearman, all by status: {_rho('all_by_status')}\nresolved only: {_rho('resolved')}",
+                 fontsize=9)
+    if len(rk):
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _savefig(fig, path, prov)
+    plt.close(fig)
+    return path

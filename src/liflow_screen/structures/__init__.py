@@ -16,11 +16,30 @@ log = logging.getLogger(__name__)
 
 
 def collect(cfg: dict[str, Any]) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
-    """Records from the configured source (embedded | mp | cif_dir | manifest)."""
+    """Records from the configured source (panel | embedded | mp | cif_dir | manifest).
+
+    ``panel``: the validation panel's compounds (``structures.panel_ids``, null = all 20), plus the
+    user's own structures from ``structures.path`` when given (a folder of CIFs or a CSV manifest),
+    screened beside them.
+    """
     s = cfg["structures"]
     src = s["source"]
     extra: dict[str, Any] = {"source": src}
-    if src == "embedded":
+    if src == "panel":
+        from pathlib import Path
+
+        from .panel import panel_structures
+
+        records = [Record(sid, st, note, extra={"role": cls})
+                   for sid, st, note, cls in panel_structures(s.get("panel_ids"))]
+        rejected = []
+        if s["path"]:
+            own = Path(s["path"])
+            mine, rejected = cif_dir(own) if own.is_dir() else manifest_file(own)
+            records += mine
+            extra["own_structures"] = {"path": str(own), "ids": [r.id for r in mine]}
+        extra["panel_ids"] = [r.id for r in records if r.id.startswith("panel-")]
+    elif src == "embedded":
         from .embedded import embedded_structures
 
         records = [Record(sid, st, note, extra={"role": role}) for sid, st, note, role in embedded_structures()]
