@@ -2,8 +2,8 @@
 
 A few embedded structures (one holding Nb, outside the published element table), short CHGNet
 validation MD, pilot prior selection, fine-tuning of the published models on that MD, rollouts of
-both, reports. Needs the checkpoints in ``../shared/liflow-reference`` (used as the model cache, so
-the real resolution path runs, offline).
+both, reports. Offline, with an empty model cache: the universal models resolve to the copies
+shipped with the package.
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ from liflow_screen.model import published as pub
 from liflow_screen.model.train import flow_meta
 
 pytestmark = pytest.mark.slow
-SHARED = REPO.parent / "shared" / "liflow-reference"
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if not (SHARED / "P_universal.ckpt").is_file():
-        pytest.skip(f"published checkpoints not present ({SHARED})")
     d = tmp_path_factory.mktemp("wf_pretrained")
-    env = {**os.environ, "LIFLOW_SCREEN_CACHE": str(SHARED)}
+    (d / "empty-cache").mkdir()
+    env = {**os.environ, "LIFLOW_SCREEN_CACHE": str(d / "empty-cache")}
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(d), "--configfile",
            str(REPO / ".test" / "pretrained" / "config.yaml"), "--cores", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
@@ -71,5 +69,12 @@ def test_published_and_fine_tuned_screening(run) -> None:
         meta = flow_meta(res / path)
         src = meta["fine_tuned_from"]["imported_from"]
         name = {"propagator": "P_universal", "corrector": "C_universal"}[kind]
-        assert src["sha256"] == pub.PUBLISHED[name].sha256 and src["file"] == str(SHARED / f"{name}.ckpt")
+        assert src["sha256"] == pub.PUBLISHED[name].sha256 and src["file"].endswith(f"{name}.ckpt")
         assert meta["hparams"]["n_elements"] == 77 and meta["prior"] == flow_meta(res / f"models/published/{kind}.pt")["prior"]
+    # spearman.csv: LiFlow vs the MD per temperature and variant (Table 1's ρ), n as in metrics.csv
+    sp = pd.read_csv(res / "reports" / "spearman.csv")
+    md_rows = sp[sp["comparison"] == "liflow_vs_md"]
+    assert sorted(zip(md_rows["temperature_K"], md_rows["source"])) == [
+        (800, "liflow:adaptive"), (800, "liflow:published"), (1200, "liflow:adaptive"), (1200, "liflow:published")]
+    assert (md_rows.set_index("temperature_K").loc[1200, "n"] == 1).all()
+    assert not (sp["comparison"] == "liflow_vs_literature").any()  # embedded ids: no panel compound
