@@ -106,3 +106,23 @@ def test_default_workflow_end_to_end(run):
     assert png.stat().st_size > 1000
     assert np.isfinite(wall)
     print(f"default workflow, 3 structures: {wall:.0f} s")
+
+
+def _dry_run_jobs(tmp: Path, *configfiles: Path) -> set[str]:
+    """Job names of a dry run (before the structures checkpoint has run)."""
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp), "--configfile",
+                           *map(str, configfiles), "-n"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = proc.stdout.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in stats.splitlines()[3:] if line.strip()}
+
+
+def test_train_demo_and_default_dags(tmp_path):
+    """config/train-demo.yaml is the train-your-own chain (MD, dataset, training); the default and
+    config/panel.yaml train nothing. A --configfile replaces config.yaml (nothing of the default
+    leaks into the demo)."""
+    demo = _dry_run_jobs(tmp_path / "demo", REPO / "config" / "train-demo.yaml")
+    assert {"structures", "dataset", "train_selector", "train_propagator", "train_corrector", "report"} <= demo
+    for cfg in (REPO / "config.yaml", REPO / "config" / "panel.yaml"):
+        jobs = _dry_run_jobs(tmp_path / cfg.stem, cfg)
+        assert "structures" in jobs and not {j for j in jobs if j.startswith("train")}, (cfg, jobs)
