@@ -165,7 +165,7 @@ def materials_project(mp_cfg: dict[str, Any], api_key: str | None = None) -> tup
     """
     key = api_key or os.environ.get("MP_API_KEY")
     if not key:
-        raise LiflowError("MP_API_KEY is not set: export MP_API_KEY=<your Materials Project API key> (or use structures.source: embedded)")
+        raise LiflowError("MP_API_KEY is not set: export MP_API_KEY=<your Materials Project API key> (or use structures.source: panel, the offline validation panel)")
     from mp_api.client import MPRester
 
     endpoint = mp_cfg.get("endpoint")
