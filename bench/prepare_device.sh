@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prepare what the GPU machine lacks for `bench/bench_rollout.py --device cuda`, in .devcarry/
+# (git-ignored; pass it as `carry`): wheels of ase and vesin(-torch) for its Python 3.12 (its image
+# has torch, numpy, pandas, pyarrow, scipy but no ase), and the published LGPS models imported into
+# the project's format (from ../shared/liflow-reference). Then, on the GPU machine:
+#   python3 -m pip install --no-deps -q .devcarry/wheels/*.whl && PYTHONPATH=$PWD/src \
+#     python3 bench/bench_rollout.py --device cuda --lgps-models .devcarry/models --lgps-compile \
+#     --traj-out $OUT/lgps_precision_cuda.npz --out $OUT/rollout_cuda.json
+# (about 4 min on an H200), and here: python bench/lgps_precision.py <npz> for the D* of each precision.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .devcarry/wheels .devcarry/models
+.venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .devcarry/wheels ase vesin vesin-torch
+.venv/bin/python - <<'PY'
+from pathlib import Path
+from liflow_screen.model.published import import_checkpoint
+src = Path("../shared/liflow-reference")
+for name in ("P_LGPS", "C_LGPS_0.1"):
+    if (src / f"{name}.ckpt").is_file():
+        import_checkpoint(src / f"{name}.ckpt", Path(".devcarry/models") / f"{name}.pt")
+PY
+du -sh .devcarry
