@@ -167,14 +167,16 @@ class FlowRunner:
         self._key: tuple | None = None
         self._graph: Any = None
         self._static: dict[str, Any] = {}
-        self.captures = 0
 
     def eager(self, g: GraphBatch, cond: Any, sigma: Tensor, stream: _Stream, counter: Tensor) -> Tensor:
         d0 = stream.normal(counter, g.pos.dtype) * sigma.unsqueeze(-1)
         return integrate_flow(self.model, g, d0, self.n_flow, cond)
 
-    def __call__(self, g: GraphBatch, cond: Any, sigma: Tensor, stream: _Stream, counter: tuple[int, int]) -> Tensor:
-        if not self.cuda_graph:
+    def __call__(self, g: GraphBatch, cond: Any, sigma: Tensor, stream: _Stream, counter: tuple[int, int],
+                 replay: bool = True) -> Tensor:
+        """D_1 (N,3) Å; ``replay=False`` runs eagerly even with CUDA graphs (retries: rare, small
+        sub-batches, not worth a capture)."""
+        if not (self.cuda_graph and replay):
             return self.eager(g, cond, sigma, stream, torch.tensor(counter, device=g.pos.device))
         st = self._static
         key = (id(g.batch), int(g.pos.shape[0]))
@@ -206,7 +208,6 @@ class FlowRunner:
         with torch.cuda.graph(graph):
             st["out"] = self.eager(g, cond, sigma, stream, st["counter"])
         self._graph, self._key = graph, key
-        self.captures += 1
 
 
 def remove_com_drift(x_new: Tensor, g: GraphBatch) -> Tensor:
@@ -451,7 +452,6 @@ def rollout(
         sub, atoms, sp, sc, stream = sub_for(graphs)
         full = len(graphs) == n_graphs
         sub = sub.with_pos(x if full else x[atoms])
-        graphs_ok = attempt == 0  # retries (rare, small sub-batches) run eagerly
         cond = propagator.condition(sub)
         if not chunk_set:
             chunk = edge_chunk_policy(dev, cond.n_edges, edge_chunk)
@@ -462,18 +462,15 @@ def rollout(
         if regressor:
             d = propagator(torch.zeros_like(sub.pos), torch.zeros(sub.n_graphs, device=dev), sub, cond)
         else:
-            run = runners["P"] if graphs_ok else runners["P"].eager
-            ctr = draw_counter(step, attempt, DRAW_PROPAGATOR)
-            d = run(sub, cond, sp, stream, ctr if graphs_ok else torch.tensor(ctr, device=dev))
+            d = runners["P"](sub, cond, sp, stream, draw_counter(step, attempt, DRAW_PROPAGATOR), replay=attempt == 0)
         x_prop = sub.pos + d
         x_new = x_prop
         if correct:
             x_cond = _corrector_condition(sub, d, x_prop, max_step_displacement)
             gc = sub.with_pos(x_cond)
             cond_c = corrector.condition(gc)
-            run = runners["C"] if graphs_ok else runners["C"].eager
-            ctr = draw_counter(step, attempt, DRAW_CORRECTOR)
-            x_new = x_prop + run(gc, cond_c, sc, stream, ctr if graphs_ok else torch.tensor(ctr, device=dev))
+            x_new = x_prop + runners["C"](gc, cond_c, sc, stream, draw_counter(step, attempt, DRAW_CORRECTOR),
+                                          replay=attempt == 0)
         return remove_com_drift(x_new, sub), atoms, sub
 
     steps = range(n_steps)

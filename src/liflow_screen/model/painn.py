@@ -70,7 +70,6 @@ class Conditioning:
     basis: tuple        # (cutoff Å, n radial, offset Å) of the model that built it
     s_static: Tensor | None = None  # (N,F) atom embedding + temperature block of the model ``owner``
     owner: int | None = None         # id() of the model whose node features s_static holds
-    n_real_edges: int | None = None  # edges before padding (None: not padded)
 
     @property
     def n_edges(self) -> int:
@@ -88,7 +87,7 @@ class Conditioning:
             raise ValueError(f"edge capacity {capacity} < {n} edges")
         pad = capacity - n
         if pad == 0:
-            return replace(self, n_real_edges=n)
+            return self
         dev, dt = self.vec1.device, self.vec1.dtype
         n_atoms = int(self.s_static.shape[0]) if self.s_static is not None else int(self.edge_index.max()) + 1
         who = torch.arange(pad, device=dev, dtype=self.edge_index.dtype) % max(n_atoms, 1)
@@ -100,7 +99,7 @@ class Conditioning:
                        dist1=cat([self.dist1, torch.full((pad,), 100.0, dtype=dt, device=dev)]),
                        unit1=cat([self.unit1, far / 100.0]),
                        rbfc1=cat([self.rbfc1, torch.zeros(pad, self.rbfc1.shape[1], dtype=dt, device=dev)]),
-                       fcut1=cat([self.fcut1, torch.zeros(pad, dtype=dt, device=dev)]), n_real_edges=n)
+                       fcut1=cat([self.fcut1, torch.zeros(pad, dtype=dt, device=dev)]))
 
 
 class BesselRBF(nn.Module):
@@ -381,7 +380,25 @@ class FlowModel(nn.Module):
                             owner=id(self))
 
     def static_node_features(self, g: GraphBatch, dtype: torch.dtype) -> Tensor:
-        """(N,F): f_atom(a) + [0 ⊕ f(T / ref_temp)], the node features without the flow-time block."""
+        """(N,F): f_atom(a) + [0 ⊕ f(T / ref_temp)], the node features without the flow-time block.
+
+        In inference they are computed (and the elements checked, a host sync) once per batch: a
+        rollout conditions the same atoms every step. The cache is keyed by the batch's tensors and
+        the weights' versions, so a changed batch or trained weights recompute."""
+        if torch.is_grad_enabled():
+            return self._static_node_features(g, dtype)
+        cache = self.__dict__.setdefault("_static_cache", {})
+        key = (id(g.numbers), id(g.temperature), id(g.batch), dtype, self.atom_embedding.weight._version,
+               self.temp_embedding.freqs._version, self.element_rows._version)
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            # the keyed tensors are held so their id() cannot be reused while cached
+            hit = cache[key] = ((g.numbers, g.temperature, g.batch), self._static_node_features(g, dtype))
+        return hit[1]
+
+    def _static_node_features(self, g: GraphBatch, dtype: torch.dtype) -> Tensor:
         half = self.time_embedding.freqs.shape[0] * 2
         temp = self.temp_embedding(g.temperature.to(dtype) / self.ref_temp)  # (G,F/2)
         cont = torch.cat([torch.zeros(temp.shape[0], half, dtype=temp.dtype, device=temp.device), temp], dim=-1)

@@ -69,9 +69,9 @@ def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: A
 #: Atoms per batched graph on CPU when rollout.batch_atoms is null (a few thousand atoms keep the
 #: per-step Python overhead small against the model's work; memory is ~0.5 MB per atom).
 CPU_BATCH_ATOMS = 4096
-#: Bytes per atom a batched rollout needs on a GPU (two models' CUDA-graph pools, ~60 edges per atom
-#: at BYTES_PER_EDGE each, with headroom): sizes rollout.batch_atoms from free memory.
-CUDA_BYTES_PER_ATOM = 2 * 64 * 8192
+#: Edges per atom a CUDA batch is sized for (~45 in the benchmark cells, with headroom); each edge
+#: costs rollout.BYTES_PER_EDGE in each of the two models' CUDA-graph pools.
+CUDA_EDGES_PER_ATOM = 64
 #: At most 65,536 atoms per CUDA batch: past ~180k atoms (~8M edges) the (E, 256) message tensors pass
 #: 2^31 elements and torch.compile's 64-bit-indexed kernels ran 4x slower per structure (H200).
 CUDA_MAX_BATCH_ATOMS = 1 << 16
@@ -79,16 +79,19 @@ CUDA_MAX_BATCH_ATOMS = 1 << 16
 
 def batch_atom_budget(cfg_value: int | None, device: Any) -> int:
     """Atoms per batched graph: rollout.batch_atoms if set; else on CUDA half the free device
-    memory at CUDA_BYTES_PER_ATOM per atom (at most CUDA_MAX_BATCH_ATOMS: 512 x 112-atom cells gave
+    memory at 2 x CUDA_EDGES_PER_ATOM x BYTES_PER_EDGE per atom (at most CUDA_MAX_BATCH_ATOMS: 512 x 112-atom cells gave
     the best structure-ps/s on an H200), on CPU CPU_BATCH_ATOMS."""
     if cfg_value is not None:
         return int(cfg_value)
     import torch
 
+    from ..rollout import BYTES_PER_EDGE
+
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
-        return int(min(max(free // 2 // CUDA_BYTES_PER_ATOM, 1024), CUDA_MAX_BATCH_ATOMS))
+        per_atom = 2 * CUDA_EDGES_PER_ATOM * BYTES_PER_EDGE
+        return int(min(max(free // 2 // per_atom, 1024), CUDA_MAX_BATCH_ATOMS))
     return CPU_BATCH_ATOMS
 
 
