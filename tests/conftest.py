@@ -62,3 +62,30 @@ def parity_errors(prop, corr, fixture, structure: str) -> dict:
     out["next"] = float(np.abs(x_next.numpy() - fx[f"{s}/step/X_next"]).max())
     out["move"] = float(np.abs(x_next.numpy() - pos).max())
     return out
+
+
+GOLDEN = REPO / "tests" / "golden"
+GOLDEN_FILES = ("ranking.csv", "metrics.csv", "diffusivity.csv")
+
+
+def assert_golden(name: str, reports: Path) -> None:
+    """The run's ranking, metrics and diffusivity tables are byte-identical to ``tests/golden/<name>/``.
+
+    The golden files were written by the same test before the layout and settings refactor (issue 17);
+    a change of behaviour fails here. After an intended change of numbers, rewrite them with
+    ``LIFLOW_WRITE_GOLDEN=1 pytest <the test>`` and say why in the commit.
+    """
+    want = GOLDEN / name
+    if os.environ.get("LIFLOW_WRITE_GOLDEN") == "1":
+        want.mkdir(parents=True, exist_ok=True)
+        for f in GOLDEN_FILES:
+            (want / f).write_bytes((reports / f).read_bytes())
+        return
+    for f in GOLDEN_FILES:
+        got, ref = (reports / f).read_bytes(), (want / f).read_bytes()
+        if got != ref:
+            import difflib
+
+            diff = "\n".join(list(difflib.unified_diff(ref.decode().splitlines(), got.decode().splitlines(),
+                                                       f"golden/{name}/{f}", f"run/{f}", lineterm=""))[:40])
+            raise AssertionError(f"{f} of the {name} run differs from tests/golden/{name}/{f}:\n{diff}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_golden
 from liflow_screen import schema
 from liflow_screen.model import published as pub
 from liflow_screen.model.train import flow_meta
@@ -78,3 +78,8 @@ def test_published_and_fine_tuned_screening(run) -> None:
         (800, "liflow:adaptive"), (800, "liflow:published"), (1200, "liflow:adaptive"), (1200, "liflow:published")]
     assert (md_rows.set_index("temperature_K").loc[1200, "n"] == 1).all()
     assert not (sp["comparison"] == "liflow_vs_literature").any()  # embedded ids: no panel compound
+
+
+def test_outputs_unchanged_by_refactors(run):
+    """ranking.csv, metrics.csv and diffusivity.csv byte-identical to those of the code before issue 17."""
+    assert_golden("pretrained", run / "reports")

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_golden
 from liflow_screen import layout, schema
 
 pytestmark = pytest.mark.slow
@@ -288,3 +288,8 @@ def test_paper_config_dag_is_chunked(tmp_path):
                                              ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
                                               "--sdm", "env-modules"])
     assert counts_slurm == counts
+
+
+def test_outputs_unchanged_by_refactors(reference_run):
+    """ranking.csv, metrics.csv and diffusivity.csv byte-identical to those of the code before issue 17."""
+    assert_golden("tiny", reference_run[0] / "results" / "reports")
