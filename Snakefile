@@ -37,8 +37,8 @@ else:
     )
 
 # Cross-key checks and defaults from the same schema, via the package (one config schema).
-from liflow_screen import config as _lcfg
-from liflow_screen.errors import ConfigError as _ConfigError
+from liflow_screen.core import config as _lcfg
+from liflow_screen.core.errors import ConfigError as _ConfigError
 
 try:
     CFG = _lcfg.validate(config)

@@ -24,7 +24,9 @@ def fabricate_manifest(cfg: dict, n: int, path: Path) -> None:
     """A manifest of ``n`` rows: the embedded structures repeated under unique ids."""
     import numpy as np
 
-    from liflow_screen import config, schema, structures
+    from liflow_screen.core import config
+    from liflow_screen.io import schema
+    from liflow_screen import structures
 
     emb = config.deep_merge(cfg, {"structures": {"source": "embedded", "min_width": 9.0}})
     base, _, _ = structures.build_manifest(config.validate(emb))
@@ -56,8 +58,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4186)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "dag.json")
     args = ap.parse_args()
-    from liflow_screen import config
-    from liflow_screen.io import provenance, write_json_atomic
+    from liflow_screen.core import config
+    from liflow_screen.io.files import provenance, write_json_atomic
 
     paper = REPO / "config" / "paper.yaml"
     cfg = config.load(paper)

@@ -23,8 +23,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 def fabricate(root: Path, n_struct: int = 8, n_atoms: int = 112, n_frames: int = 2501, seed: int = 0) -> dict:
     """MD-like chunk outputs: positions = lattice + thermal noise (σ 0.1 Å) + Li random walk."""
-    from liflow_screen import config, layout, schema
-    from liflow_screen.stages import dataset as dataset_stage
+    from liflow_screen.core import config
+    from liflow_screen.io import layout, schema
+    from liflow_screen.stages import run_dataset as dataset_stage
 
     rng = np.random.default_rng(seed)
     cfg = config.validate({"md": {"temperatures": [800], "timestep_fs": 1.0, "save_every": 10, "duration_ps": 25.0}})
@@ -64,8 +65,9 @@ def main() -> None:
     ap.add_argument("--fabricate", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "dataset.json")
     args = ap.parse_args()
-    from liflow_screen import config, dataset
-    from liflow_screen.io import provenance, write_json_atomic
+    from liflow_screen.core import config
+    from liflow_screen.dataset import loader as dataset
+    from liflow_screen.io.files import provenance, write_json_atomic
 
     with tempfile.TemporaryDirectory(prefix="liflow-ds-") as tmp:
         if args.fabricate or not (args.dataset / "labels.parquet").exists():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from liflow_screen import analysis as an
-from liflow_screen.io import provenance, write_json_atomic
+from liflow_screen.io.files import provenance, write_json_atomic
 
 N_LI, N_FRAME, N_FRAMES, DT_PS, D_TRUE = 40, 60, 2501, 0.01, 0.5  # D in Å²/ps
 
@@ -40,9 +40,9 @@ def _default_grid_worker(queue: Any) -> None:
     x = pos.astype(np.float64)
     lags = np.arange(1, N_FRAMES)  # kinisi's default dt: every multiple of the frame step
     lag_t = lags * DT_PS
-    start = float(lag_t[an._start_index(lag_t, None, float(lag_t[-1]))])
+    start = float(lag_t[an.diffusion._start_index(lag_t, None, float(lag_t[-1]))])
     t0 = time.perf_counter()
-    samples = an._kinisi_samples(x, cell, numbers, "Li", DT_PS, lags, start, 1000, 0, True)
+    samples = an.diffusion._kinisi_samples(x, cell, numbers, "Li", DT_PS, lags, start, 1000, 0, True)
     queue.put({"seconds": time.perf_counter() - t0, "D_cm2_s": float(np.median(samples)),
                "n_dt": int(lags.size)})
 

@@ -9,7 +9,7 @@
    (Δτ = 1.005 ps = 670 x 1.5 fs; their own priors: Li 10x, frame 0.5x scaled Maxwell-Boltzmann for
    the Propagator, 0.1x for the Corrector; no classifier needed, both Li classes use scale 10).
 3. Rollouts: 150 steps (~151 ps) at 650, 900, 1150 and 1400 K in one batch, 10 + 10 flow steps,
-   no retries (as the reference inference), seeds from ``liflow_screen.seeds``.
+   no retries (as the reference inference), seeds from ``liflow_screen.core.seeds``.
 4. Analysis: the pipeline's own per-trajectory analysis (``report.trajectory.analyze_trajectory``:
    resolved-or-bound rule, kinisi D* of Li with 95 % interval, sanity flags) and its weighted
    Arrhenius fit (``analysis.arrhenius_fit``) -> E_A with 95 % interval, next to the paper's
@@ -40,15 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liflow_screen import schema, seeds
+from liflow_screen.io import schema
+from liflow_screen.core import seeds
 from liflow_screen.analysis import arrhenius_fit
-from liflow_screen.config import validate
-from liflow_screen.io import versions, write_json_atomic
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.published import import_checkpoint
-from liflow_screen.model.train import load_flow, prior_sigma_for
+from liflow_screen.core.config import validate
+from liflow_screen.io.files import versions, write_json_atomic
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.published import import_checkpoint
+from liflow_screen.flow.training import load_flow, prior_sigma_for
 from liflow_screen.report.trajectory import analyze_trajectory
-from liflow_screen.rollout import frame_rows, rollout
+from liflow_screen.flow.engine import frame_rows, rollout
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PUBLISHED = REPO.parent / "shared" / "liflow-reference"

@@ -27,8 +27,8 @@ import torch
 from ase.build import bulk
 
 from liflow_screen.md import integrate, lockstep
-from liflow_screen import potentials as P
-from liflow_screen.io import write_json_atomic
+from liflow_screen.md import potentials as P
+from liflow_screen.io.files import write_json_atomic
 
 
 class ModelTimer:

@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from liflow_screen.geometry import radius_graph_pbc, radius_graph_pbc_vesin, tile
-from liflow_screen.io import versions, write_json_atomic
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.painn import FlowModel
-from liflow_screen.model.train import load_flow, prior_sigma_for
-from liflow_screen.rollout import rollout
+from liflow_screen.core.geometry import radius_graph_pbc, radius_graph_pbc_vesin, tile
+from liflow_screen.io.files import versions, write_json_atomic
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.painn import FlowModel
+from liflow_screen.flow.training import load_flow, prior_sigma_for
+from liflow_screen.flow.engine import rollout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -69,7 +69,7 @@ def load_cells() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
 
 def universal_models(device: str) -> tuple[FlowModel, FlowModel]:
     """The published universal P + C as shipped with the package (project format)."""
-    from liflow_screen.model.published import shipped_model
+    from liflow_screen.flow.published import shipped_model
 
     p, c = shipped_model("P_universal"), shipped_model("C_universal")
     if p is None or c is None:
@@ -80,7 +80,7 @@ def universal_models(device: str) -> tuple[FlowModel, FlowModel]:
 def lgps_models(folder: Path | None, device: str) -> tuple[FlowModel, FlowModel, str] | None:
     """P_LGPS + C_LGPS_0.1: imported .pt files in ``folder``, else imported from the .ckpt files
     there or in ../shared; None when neither exists."""
-    from liflow_screen.model.published import import_checkpoint
+    from liflow_screen.flow.published import import_checkpoint
 
     for base in [folder, DEFAULT_SHARED]:
         if base is None:
@@ -299,7 +299,7 @@ def lgps_precision_trajectories(models, cell, device: str, n_steps: int, path: P
     fast = torch.zeros(g.n_graphs, dtype=torch.bool, device=device)
     sp = prior_sigma_for(g, prop.liflow_meta["prior"], fast, fast)
     sc = prior_sigma_for(g, corr.liflow_meta["prior"], fast, fast)
-    from liflow_screen import seeds
+    from liflow_screen.core import seeds
 
     keys = torch.tensor([seeds.rollout_key(0, "LGPS-2x2x1", T, seeds.ROLLOUT) for T in LGPS_TEMPS])
     arrays: dict[str, np.ndarray] = {"numbers": cell[0], "cell": cell[2], "temperatures": np.array(LGPS_TEMPS),
@@ -322,9 +322,9 @@ def lgps_precision_trajectories(models, cell, device: str, n_steps: int, path: P
 WORKER = r"""
 import json, sys, time, numpy as np, torch
 torch.set_num_threads(int(sys.argv[3]))
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.train import load_flow, prior_sigma_for
-from liflow_screen.rollout import rollout
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.training import load_flow, prior_sigma_for
+from liflow_screen.flow.engine import rollout
 f = np.load(sys.argv[1]); n, steps = [int(x) for x in sys.argv[2].split(",")]
 z, x, c = f["lifepo4/numbers"], f["lifepo4/positions"], f["lifepo4/cell"]
 T = (600.0, 800.0, 1000.0, 1200.0)
@@ -341,7 +341,7 @@ print(json.dumps({"structure_ps_per_s": n * steps / (time.perf_counter() - t)}))
 
 def engine_worker(src: Path, n: int, steps: int, threads: int) -> float:
     """structure-ps/s of the engine in checkout ``src`` (a subprocess), shipped universal models."""
-    from liflow_screen.model.published import shipped_model
+    from liflow_screen.flow.published import shipped_model
 
     env = {**os.environ, "PYTHONPATH": str(src)}
     out = subprocess.run([sys.executable, "-c", WORKER, str(CELLS), f"{n},{steps}", str(threads),

@@ -21,10 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liflow_screen import config
-from liflow_screen.io import provenance, write_json_atomic
-from liflow_screen.model.train import (
-    ListPairSource, Pair, _model_from_cfg, _prior_settings, build_batch, flow_loss, train_flow,
+from liflow_screen.core import config
+from liflow_screen.io.files import provenance, write_json_atomic
+from liflow_screen.flow.training import (
+    ListPairSource,
+    Pair,
+    _model_from_cfg,
+    _prior_settings,
+    build_batch,
+    flow_loss,
+    train_flow,
 )
 
 A = 4.03

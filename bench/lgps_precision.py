@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from liflow_screen.analysis import arrhenius_fit
-from liflow_screen.config import validate
-from liflow_screen.io import versions, write_json_atomic
+from liflow_screen.core.config import validate
+from liflow_screen.io.files import versions, write_json_atomic
 from liflow_screen.report.trajectory import analyze_trajectory
 
 

@@ -14,7 +14,7 @@ mkdir -p .devcarry/wheels .devcarry/models
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .devcarry/wheels ase vesin vesin-torch
 .venv/bin/python - <<'PY'
 from pathlib import Path
-from liflow_screen.model.published import import_checkpoint
+from liflow_screen.flow.published import import_checkpoint
 src = Path("../shared/liflow-reference")
 for name in ("P_LGPS", "C_LGPS_0.1"):
     if (src / f"{name}.ckpt").is_file():

@@ -2,7 +2,7 @@
 """Regenerate the published models shipped with the package, or check the shipped ones.
 
 The LiFlow authors' universal Propagator and Corrector (``P_universal.ckpt``, ``C_universal.ckpt``,
-GitHub learningmatter-mit/liflow at the commit in ``liflow_screen.model.published.COMMIT``, MIT
+GitHub learningmatter-mit/liflow at the commit in ``liflow_screen.flow.published.COMMIT``, MIT
 License) are shipped in this project's own imported format, so a fresh offline install screens
 without a download:
 
@@ -38,13 +38,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from liflow_screen.io import config_digest, sha256_of, versions, write_json_atomic, write_text_atomic  # noqa: E402
-from liflow_screen.model import published as pub  # noqa: E402
-from liflow_screen.model.train import CKPT_FORMAT  # noqa: E402
+from liflow_screen.io.files import config_digest, sha256_of, versions, write_json_atomic, write_text_atomic  # noqa: E402
+from liflow_screen.flow import published as pub  # noqa: E402
+from liflow_screen.flow.training import CKPT_FORMAT  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "liflow-reference"
 DEFAULT_OUT = REPO / "src" / "liflow_screen" / "data" / "models"
-TOOL = "scripts/ship_published_models.py (liflow_screen.model.published.import_checkpoint, built-in element table)"
+TOOL = "scripts/ship_published_models.py (liflow_screen.flow.published.import_checkpoint, built-in element table)"
 NOT_SHIPPED = [n for n in pub.PUBLISHED if n not in pub.SHIPPED]
 
 
@@ -86,7 +86,7 @@ def convert(name: str, source: Path, out_dir: Path) -> dict:
 def record(models: dict, date: str) -> dict:
     return {
         "what": "The LiFlow authors' published universal Propagator and Corrector, imported into "
-                "liflow_screen's flow-model checkpoint format (load with liflow_screen.model.train.load_flow).",
+                "liflow_screen's flow-model checkpoint format (load with liflow_screen.flow.training.load_flow).",
         "source": {"repository": f"https://github.com/{pub.REPOSITORY}", "commit": pub.COMMIT, "folder": "ckpt/",
                    "license": pub.LICENSE_NAME, "license_url": pub.LICENSE_URL, "license_file": "LICENSE"},
         "conversion": {"tool": TOOL, "format": CKPT_FORMAT, "date": date,

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def default_cfg():
     """The validated default config (schema defaults only)."""
-    from liflow_screen import config
+    from liflow_screen.core import config
 
     return config.validate({})
 
@@ -41,8 +41,8 @@ def parity_errors(prop, corr, fixture, structure: str) -> dict:
     import numpy as np
     import torch
 
-    from liflow_screen.model.graph import make_batch
-    from liflow_screen.rollout import liflow_step
+    from liflow_screen.flow.graph import make_batch
+    from liflow_screen.flow.engine import liflow_step
 
     fx, s = fixture, structure
     nums, pos, cell = fx[f"{s}/numbers"], fx[f"{s}/positions"], fx[f"{s}/cell"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import LiflowError
+from .core.errors import LiflowError
 
 log = logging.getLogger("liflow_screen")
 
@@ -49,9 +49,9 @@ def _args_structures(p: argparse.ArgumentParser) -> None:
 
 @command("structures", "collect structures, build supercells, split by composition", _args_structures)
 def _structures(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import structures
+    from .stages import run_structures
 
-    structures.run(cfg, ns.out)
+    run_structures.run(cfg, ns.out)
 
 
 def _args_trajectories(p: argparse.ArgumentParser) -> None:
@@ -64,9 +64,9 @@ def _args_trajectories(p: argparse.ArgumentParser) -> None:
 @command("trajectories", "bring your own trajectories: read, check, unwrap into an MD-chunk folder",
          _args_trajectories)
 def _trajectories(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import trajectories
+    from .stages import run_trajectories
 
-    trajectories.run(cfg, ns.trajectories, ns.manifest_out, ns.out_dir)
+    run_trajectories.run(cfg, ns.trajectories, ns.manifest_out, ns.out_dir)
 
 
 def _args_md(p: argparse.ArgumentParser) -> None:
@@ -77,9 +77,9 @@ def _args_md(p: argparse.ArgumentParser) -> None:
 
 @command("md", "relax, describe and run reference MD for one manifest chunk", _args_md)
 def _md(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import md
+    from .stages import run_md
 
-    md.run(cfg, ns.manifest, ns.chunk, ns.out_dir, progress=True)
+    run_md.run(cfg, ns.manifest, ns.chunk, ns.out_dir, progress=True)
 
 
 def _args_dataset(p: argparse.ArgumentParser) -> None:
@@ -91,9 +91,9 @@ def _args_dataset(p: argparse.ArgumentParser) -> None:
 
 @command("dataset", "merge MD chunks into the Parquet trajectory dataset with labels", _args_dataset)
 def _dataset(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import dataset
+    from .stages import run_dataset
 
-    dataset.run(cfg, ns.manifest, ns.md_files, ns.out_dir)
+    run_dataset.run(cfg, ns.manifest, ns.md_files, ns.out_dir)
 
 
 def _args_selector(p: argparse.ArgumentParser) -> None:
@@ -104,9 +104,9 @@ def _args_selector(p: argparse.ArgumentParser) -> None:
 
 @command("train-selector", "train the prior-selector classifiers (Li, frame)", _args_selector)
 def _train_selector(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import train
+    from .stages import run_train
 
-    train.run_selector(cfg, ns.dataset, ns.out, ns.report)
+    run_train.run_selector(cfg, ns.dataset, ns.out, ns.report)
 
 
 def _args_train(p: argparse.ArgumentParser) -> None:
@@ -121,9 +121,9 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a Propagator or the Corrector (conditional flow matching)", _args_train)
 def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import train
+    from .stages import run_train
 
-    train.run(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
+    run_train.run(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
               init_from=ns.init_from)
 
 
@@ -141,27 +141,10 @@ def _args_import(p: argparse.ArgumentParser) -> None:
 
 @command("import-model", "import a published LiFlow checkpoint into this project's model format", _args_import)
 def _import_model(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .model import published
+    from .stages import run_import_model
 
-    pc = cfg["pretrained"]
-    name, explicit = ns.name, ns.checkpoint
-    if ns.kind is not None:
-        name = name or pc[ns.kind]
-        explicit = explicit or pc[f"{ns.kind}_path"]
-        if name is None and explicit is None:
-            raise LiflowError(f"config key pretrained.{ns.kind} is not set: nothing to import")
-    if name is None and explicit is None:
-        raise LiflowError("give --kind, --name or --checkpoint")
-    src = explicit if name is None else published.resolve_published(
-        name, explicit, download=bool(pc["download"]), base_url=pc["base_url"])
-    element_index = ns.element_index or pc["element_index"]
-    meta = published.import_checkpoint(src, ns.out, element_index=element_index, delta_tau_ps=ns.delta_tau_ps,
-                                       config=cfg)
-    if ns.kind is not None and meta["kind"] != ns.kind:
-        ns.out.unlink(missing_ok=True)
-        raise LiflowError(f"pretrained.{ns.kind} resolves to a {meta['kind']} checkpoint ({src})")
-    log.info("imported %s -> %s: %s, prior %s, Δτ %s ps, elements %s", src, ns.out, meta["kind"], meta["prior"],
-             meta["delta_tau_ps"], meta["imported_from"]["elements_covered"])
+    run_import_model.run(cfg, ns.out, kind=ns.kind, name=ns.name, checkpoint=ns.checkpoint,
+                         element_index=ns.element_index, delta_tau_ps=ns.delta_tau_ps)
 
 
 def _args_rollout(p: argparse.ArgumentParser) -> None:
@@ -178,9 +161,9 @@ def _args_rollout(p: argparse.ArgumentParser) -> None:
 
 @command("rollout", "batched LiFlow rollouts (Algorithm 1) for one chunk of structures", _args_rollout)
 def _rollout(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import rollout
+    from .stages import run_rollout
 
-    rollout.run(cfg, ns.manifest, ns.structures, ns.selector, ns.propagator, ns.corrector, ns.variant,
+    run_rollout.run(cfg, ns.manifest, ns.structures, ns.selector, ns.propagator, ns.corrector, ns.variant,
                 ns.chunk, ns.out_dir, labels_path=ns.labels)
 
 
@@ -195,9 +178,9 @@ def _args_analyze(p: argparse.ArgumentParser) -> None:
 
 @command("analyze", "MSD, kinisi D*, RDF for the trajectories of one chunk", _args_analyze)
 def _analyze(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import analyze
+    from .stages import run_analyze
 
-    analyze.run(ns.frames, ns.structures, ns.out, cfg=cfg, status=ns.status, sources=[ns.source])
+    run_analyze.run(ns.frames, ns.structures, ns.out, cfg=cfg, status=ns.status, sources=[ns.source])
 
 
 def _args_report(p: argparse.ArgumentParser) -> None:
@@ -214,9 +197,9 @@ def _args_report(p: argparse.ArgumentParser) -> None:
 @command("report", "metrics.csv (Table 1 layout), ranking.csv, prior_classes.csv, spearman.csv and plots",
          _args_report)
 def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from .stages import report
+    from .stages import run_report
 
-    report.run(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
+    run_report.run(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
                variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels, models=ns.models)
 
 
@@ -228,7 +211,7 @@ def _args_verify(p: argparse.ArgumentParser) -> None:
 
 @command("verify", "check workflow outputs for corrupt Parquet files (exit 1 if any)", _args_verify)
 def _verify(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from . import verify
+    from .io import verify
 
     root = ns.results or Path(cfg["results_dir"])
     bad = verify.check(root, deep=ns.deep)
@@ -279,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "urllib3", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from . import config
+    from .core import config
 
     if ns.threads:
         os.environ["OMP_NUM_THREADS"] = str(ns.threads)

@@ -13,7 +13,8 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
-from liflow_screen import layout, potentials, schema
+from liflow_screen.io import layout, schema
+from liflow_screen.md import potentials
 from liflow_screen.cli import main
 from liflow_screen.md import integrate
 

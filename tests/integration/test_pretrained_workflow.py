@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, assert_golden
-from liflow_screen import schema
-from liflow_screen.model import published as pub
-from liflow_screen.model.train import flow_meta
+from liflow_screen.io import schema
+from liflow_screen.flow import published as pub
+from liflow_screen.flow.training import flow_meta
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

@@ -22,20 +22,20 @@ reproducible_math_env()                      # what the CLI does before torch is
 import numpy as np, torch
 torch.set_num_threads(2)
 from pymatgen.util.testing import PymatgenTest
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.painn import FlowModel
-from liflow_screen.model.train import prior_sigma_for
-from liflow_screen.rollout import rollout
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.painn import FlowModel
+from liflow_screen.flow.training import prior_sigma_for
+from liflow_screen.flow.engine import rollout
 from liflow_screen import seeds
 
 shared = sys.argv[1]
 if shared:
-    from liflow_screen.model import published as pub
+    from liflow_screen.flow import published as pub
     models = []
     for name in ("P_universal", "C_universal"):
         out = sys.argv[2] + f"/{name}.pt"
         pub.import_checkpoint(f"{shared}/{name}.ckpt", out)
-        from liflow_screen.model.train import load_flow
+        from liflow_screen.flow.training import load_flow
         models.append(load_flow(out))
     prop, corr = models
     prior_p, prior_c = prop.liflow_meta["prior"], corr.liflow_meta["prior"]

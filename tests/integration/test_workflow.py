@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, assert_golden
-from liflow_screen import layout, schema
+from liflow_screen.io import layout, schema
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -247,8 +247,8 @@ def test_corrupt_intermediate_is_detected_and_rebuilt(reference_run, tmp_path):
 
 def test_training_loss_falls_on_workflow_data(reference_run, tmp_path):
     """The Propagator's training loss falls on the MD dataset the workflow built (not synthetic data)."""
-    from liflow_screen import config
-    from liflow_screen.stages import train
+    from liflow_screen.core import config
+    from liflow_screen.stages import run_train as train
 
     d, _ = reference_run
     cfg = config.load(d / "results" / "config.resolved.yaml",
@@ -269,7 +269,7 @@ def test_paper_config_dag_is_chunked(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     import bench_dag
 
-    from liflow_screen import config
+    from liflow_screen.core import config
 
     cfg = config.load(REPO / "config" / "paper.yaml")
     n = 400

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from liflow_screen import analysis as an
-from liflow_screen import config
-from liflow_screen.errors import InputError
+from liflow_screen.core import config
+from liflow_screen.core.errors import InputError
 
 
 def _random_walk(seed: int, n_frames: int, n_li: int, n_frame: int, d_li: float, dt: float,
@@ -109,7 +109,7 @@ def test_kinisi_failure_gives_no_number(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("sampler exploded")
 
-    monkeypatch.setattr(an, "_kinisi_samples", boom)
+    monkeypatch.setattr(an.diffusion, "_kinisi_samples", boom)
     res = an.kinisi_diffusion(pos, t, numbers, np.eye(3) * 10.0)
     assert res["method"] == "kinisi" and not res["constrained"]
     assert "sampler exploded" in res["note"]

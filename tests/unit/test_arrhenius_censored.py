@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from liflow_screen import analysis as an
-from liflow_screen.errors import InputError
+from liflow_screen.core.errors import InputError
 from liflow_screen.report.ranking import compute_ranking
 
 E_A, D0 = 0.30, 1e-3          # eV, cm²/s

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from liflow_screen.errors import InputError
-from liflow_screen.model.classifier import SINGLE_CLASS, PriorSelector
+from liflow_screen.core.errors import InputError
+from liflow_screen.flow.classifier import SINGLE_CLASS, PriorSelector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

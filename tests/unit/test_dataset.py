@@ -10,10 +10,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from liflow_screen import config, dataset, layout, schema
-from liflow_screen.stages import dataset as dataset_stage
+from liflow_screen.core import config
+from liflow_screen.dataset import loader as dataset
+from liflow_screen.io import layout, schema
+from liflow_screen.stages import run_dataset as dataset_stage
 from liflow_screen.cli import main
-from liflow_screen.errors import SchemaError
+from liflow_screen.core.errors import SchemaError
 
 TEMPS = [600, 1000]
 

@@ -11,11 +11,12 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import write
 
-from liflow_screen import config, layout, schema
-from liflow_screen.errors import ConfigError
-from liflow_screen.geometry import tile
-from liflow_screen.model.painn import FlowModel
-from liflow_screen.model.train import CKPT_FORMAT
+from liflow_screen.core import config
+from liflow_screen.io import layout, schema
+from liflow_screen.core.errors import ConfigError
+from liflow_screen.core.geometry import tile
+from liflow_screen.flow.painn import FlowModel
+from liflow_screen.flow.training import CKPT_FORMAT
 
 SMALL = dict(features=16, radial=8, layers=2)
 
@@ -75,7 +76,7 @@ def own_dataset(tmp_path_factory):
     """Two 'user' trajectories of rock-salt LiCl (8 atoms, 41 frames 10 fs apart): at 600 K the Li
     only rattle (slow), at 1000 K they random-walk ~0.35 Å per frame (fast); through the
     trajectories and dataset stages."""
-    from liflow_screen.stages import dataset, trajectories
+    from liflow_screen.stages import run_dataset as dataset, run_trajectories as trajectories
 
     d = tmp_path_factory.mktemp("own")
     atoms = bulk("LiCl", "rocksalt", a=5.13, cubic=True)
@@ -109,7 +110,7 @@ def test_supercell_rollout_streamed_with_label_priors(own_dataset, tmp_path) -> 
     """rollout.supercell [2, 1, 1], Corrector every 2nd step, prior classes from the labels at the
     nearest temperature (900 K -> the 1000 K label): the stage writes the 16-atom cells it rolled
     out, every frame of every (structure, T) once, and the classes it used."""
-    from liflow_screen.stages import rollout as stage
+    from liflow_screen.stages import run_rollout as stage
 
     d, cfg = own_dataset
     cfg = config.deep_merge(cfg, {"rollout": {"temperatures": [600, 900], "n_steps": 4, "n_flow": 2,

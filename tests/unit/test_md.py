@@ -11,13 +11,14 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import write
 
-from liflow_screen import config, schema
-from liflow_screen.errors import InputError
+from liflow_screen.core import config
+from liflow_screen.io import schema
+from liflow_screen.core.errors import InputError
 from liflow_screen.md import integrate, lockstep
 from liflow_screen.md.relax import build_supercell, relax
-from liflow_screen.stages import md as md_stage
-from liflow_screen import potentials as P
-from liflow_screen.geometry import mic_displacements
+from liflow_screen.stages import run_md as md_stage
+from liflow_screen.md import potentials as P
+from liflow_screen.core.geometry import mic_displacements
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

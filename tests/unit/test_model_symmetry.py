@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from liflow_screen.errors import ConfigError
-from liflow_screen.model.graph import GraphBatch, make_batch
-from liflow_screen.model.painn import FlowModel
-from liflow_screen.model.priors import KB, prior_sigma, sample_prior, select_scales
-from liflow_screen.model.testing import assert_equivariant, random_orthogonal
+from liflow_screen.core.errors import ConfigError
+from liflow_screen.flow.graph import GraphBatch, make_batch
+from liflow_screen.flow.painn import FlowModel
+from liflow_screen.flow.priors import KB, prior_sigma, sample_prior, select_scales
+from liflow_screen.flow.testing import assert_equivariant, random_orthogonal
 
 SEEDS = [0, 1, 2]
 
@@ -87,7 +87,7 @@ def test_proposition1_symmetries(model: FlowModel, seed: int) -> None:
 def test_whole_rollout_step_symmetries(model: FlowModel, zero_noise: bool) -> None:
     """One Algorithm-1 step (Propagator, Corrector, CoM-drift removal): its displacement
     X' - X_tau obeys Proposition 1, at zero prior noise and for a transformed prior draw."""
-    from liflow_screen.rollout import liflow_step
+    from liflow_screen.flow.engine import liflow_step
 
     corr = FlowModel(features=32, radial=12, layers=2, seed=8).eval()
     g, d = two_graphs(5)

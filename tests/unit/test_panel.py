@@ -11,8 +11,8 @@ import pytest
 from ase.data import atomic_numbers
 from pymatgen.core import Composition, Structure
 
-from liflow_screen.errors import InputError
-from liflow_screen.geometry import perpendicular_widths, supercell_repeats
+from liflow_screen.core.errors import InputError
+from liflow_screen.core.geometry import perpendicular_widths, supercell_repeats
 from liflow_screen.structures import panel
 
 #: The published universal models' element table: Z <= 32 without He, Ne, Ar.
@@ -64,7 +64,7 @@ def test_elements_inside_universal_table(entries, built):
 
 def test_element_table_matches_published_checkpoints():
     pytest.importorskip("torch")
-    from liflow_screen.model.published import PINNED_ELEMENTS
+    from liflow_screen.flow.published import PINNED_ELEMENTS
 
     assert set(PINNED_ELEMENTS) == set(panel.UNIVERSAL_ELEMENTS)
 

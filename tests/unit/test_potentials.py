@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from liflow_screen import potentials as P
-from liflow_screen.errors import InputError, LiflowError
+from liflow_screen.md import potentials as P
+from liflow_screen.core.errors import InputError, LiflowError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,6 +154,6 @@ def test_chgnet_descriptors_and_batch():
 def test_e3nn_import_trap_is_handled():
     """Importing the package first makes e3nn importable under torch >= 2.6 without the env var."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-    code = "import liflow_screen.potentials, e3nn.o3; print('ok')"
+    code = "import liflow_screen.md.potentials, e3nn.o3; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-500:]

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from conftest import REPO, parity_errors
-from liflow_screen.errors import InputError, LiflowError
-from liflow_screen.model import published as pub
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.painn import UnknownElementError
-from liflow_screen.model.train import flow_meta, load_flow
+from liflow_screen.core.errors import InputError, LiflowError
+from liflow_screen.flow import published as pub
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.painn import UnknownElementError
+from liflow_screen.flow.training import flow_meta, load_flow
 
 SHARED = REPO.parent / "shared" / "liflow-reference"
 needs_shared = pytest.mark.skipif(not (SHARED / "parity_fixture.npz").is_file(),
@@ -207,8 +207,8 @@ def test_pilot_prior_selection(universal, one_torch_thread) -> None:
     1200 K came out fast for 2 of 5 seeds, LiFePO4 at 600 K for 1 of 5 (README)."""
     import pandas as pd
 
-    from liflow_screen import config
-    from liflow_screen.stages import rollout as stages
+    from liflow_screen.core import config
+    from liflow_screen.stages import run_rollout as stages
 
     fx = np.load(SHARED / "parity_fixture.npz")
     structs = pd.DataFrame([{"id": s, "numbers": fx[f"{s}/numbers"], "positions": fx[f"{s}/positions"].reshape(-1),
@@ -238,8 +238,8 @@ def test_pilot_prior_selection(universal, one_torch_thread) -> None:
 def test_fine_tuning_starts_from_imported_weights(universal, tmp_path, one_torch_thread) -> None:
     from test_train import _pairs
 
-    from liflow_screen import config
-    from liflow_screen.model.train import ListPairSource, train_flow
+    from liflow_screen.core import config
+    from liflow_screen.flow.training import ListPairSource, train_flow
 
     cfg = config.validate({"seed": 0, "dataset": {"delta_tau_ps": 1.0},
                            "train": {"batch_size": 2, "val_every": 2, "val_batches": 1, "device": "cpu"}})

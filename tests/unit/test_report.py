@@ -25,12 +25,13 @@ import pandas as pd
 import pytest
 
 from liflow_screen import analysis as an
-from liflow_screen import config, layout, schema
-from liflow_screen.errors import InputError, SchemaError
+from liflow_screen.core import config
+from liflow_screen.io import layout, schema
+from liflow_screen.core.errors import InputError, SchemaError
 from liflow_screen.report.ranking import compute_ranking
 from liflow_screen.report.tables import read_analysis
-from liflow_screen.stages.analyze import run as analyze_trajectories
-from liflow_screen.stages.report import run as write_reports
+from liflow_screen.stages.run_analyze import run as analyze_trajectories
+from liflow_screen.stages.run_report import run as write_reports
 
 A = 3.0           # Å, Li-Li site spacing (simple cubic)
 NSIDE = 3         # 27 Li sites in a 9 Å cube, 27 frame atoms on the body centres

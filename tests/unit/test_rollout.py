@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from liflow_screen import schema
-from liflow_screen.errors import InputError
-from liflow_screen.geometry import center_of_mass
-from liflow_screen.model.graph import GraphBatch, make_batch
-from liflow_screen.model.painn import Conditioning, FlowModel
-from liflow_screen.model.priors import counter_normal, prior_sigma
-from liflow_screen.rollout import frame_rows, rollout, rollout_status_rows, subset_batch
+from liflow_screen.io import schema
+from liflow_screen.core.errors import InputError
+from liflow_screen.core.geometry import center_of_mass
+from liflow_screen.flow.graph import GraphBatch, make_batch
+from liflow_screen.flow.painn import Conditioning, FlowModel
+from liflow_screen.flow.priors import counter_normal, prior_sigma
+from liflow_screen.flow.engine import frame_rows, rollout, rollout_status_rows, subset_batch
 
 SMALL = dict(features=16, radial=8, layers=2)
 
@@ -230,7 +230,7 @@ def test_rows_match_schema_and_bad_input() -> None:
 def test_corrector_every_k_steps_and_its_own_flow_steps() -> None:
     """corrector_every=2, n_flow_corrector=2: steps 1, 3 are Propagator only (no corrector draw), steps
     2, 4 are P + C with 2 Euler steps: replayed by hand with liflow_step and the same per-graph draws."""
-    from liflow_screen.rollout import liflow_step
+    from liflow_screen.flow.engine import liflow_step
 
     g = batch_of(crystals(6)[:1], [900.0])
     prop, corr = Counting(**SMALL, seed=7), Counting(**SMALL, seed=8)

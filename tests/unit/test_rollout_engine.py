@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from liflow_screen import seeds
-from liflow_screen.geometry import radius_graph_pbc, radius_graph_pbc_vesin
-from liflow_screen.model import painn
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.painn import FlowModel
-from liflow_screen.model.priors import counter_normal, philox4x32, prior_sigma
-from liflow_screen.rollout import rollout
-from liflow_screen.stages.rollout import pack_batches
+from liflow_screen.core import seeds
+from liflow_screen.core.geometry import radius_graph_pbc, radius_graph_pbc_vesin
+from liflow_screen.flow import painn
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.painn import FlowModel
+from liflow_screen.flow.priors import counter_normal, philox4x32, prior_sigma
+from liflow_screen.flow.engine import rollout
+from liflow_screen.stages.run_rollout import pack_batches
 
 SMALL = dict(features=16, radial=8, layers=2)
 
@@ -188,7 +188,7 @@ def test_padded_conditioning_adds_exactly_nothing() -> None:
 def test_bf16_precision_is_opt_in_and_close() -> None:
     """precision bf16 changes the numbers (autocast matrix products) but stays close to fp32;
     an unknown precision is refused."""
-    from liflow_screen.errors import InputError
+    from liflow_screen.core.errors import InputError
 
     g = batch(random_crystals(2, seed=8, n_atoms=(6, 10), size=(6.0, 8.0)))
     prop, corr = FlowModel(**SMALL, seed=1).eval(), FlowModel(**SMALL, seed=2).eval()
@@ -233,7 +233,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu() -> None:
 def test_a_failed_compilation_falls_back_to_eager(monkeypatch, caplog) -> None:
     """A torch.compile backend failure (e.g. no working Triton) logs a warning and the rollout goes
     on uncompiled, with the same numbers as an uncompiled run; other errors still propagate."""
-    import liflow_screen.rollout as ro
+    import liflow_screen.flow.engine as ro
 
     class Broken(RuntimeError):
         pass

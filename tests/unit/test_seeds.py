@@ -1,4 +1,4 @@
-"""One seeding recipe for every per-(structure, T) stream (liflow_screen.seeds)."""
+"""One seeding recipe for every per-(structure, T) stream (liflow_screen.core.seeds)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from liflow_screen import seeds
+from liflow_screen.core import seeds
 from liflow_screen.md.integrate import velocity_rng
 
 
@@ -25,7 +25,7 @@ def test_md_velocities_keep_their_historic_stream() -> None:
 def test_streams_differ_and_repeat() -> None:
     def draw(*args) -> torch.Tensor:
         """Six normal variates of the stream's counter-based noise (atoms 0, 1; step 0, draw 0)."""
-        from liflow_screen.model.priors import counter_normal
+        from liflow_screen.flow.priors import counter_normal
 
         key = torch.tensor([seeds.rollout_key(*args)], dtype=torch.long).expand(2, 2)
         return counter_normal(key, torch.arange(2), torch.tensor([0, 0])).reshape(-1)

@@ -22,10 +22,10 @@ import yaml
 from test_published import SHARED, TOL, needs_shared
 
 from conftest import REPO, parity_errors
-from liflow_screen.errors import InputError, LiflowError
-from liflow_screen.io import sha256_of
-from liflow_screen.model import published as pub
-from liflow_screen.model.train import CKPT_FORMAT, flow_meta, load_flow
+from liflow_screen.core.errors import InputError, LiflowError
+from liflow_screen.io.files import sha256_of
+from liflow_screen.flow import published as pub
+from liflow_screen.flow.training import CKPT_FORMAT, flow_meta, load_flow
 
 PARITY_STRUCTURE = "LiCl"  # 8 atoms: one structure is enough here (test_published checks all four)
 

@@ -13,8 +13,13 @@ import pytest
 from scipy import stats
 
 from liflow_screen.report.metrics import compute_metrics
-from liflow_screen.report.spearman import (SPEARMAN_COLUMNS, bootstrap_spearman, spearman_vs_literature,
-                                           spearman_vs_md, status_ranks)
+from liflow_screen.report.spearman import (
+    SPEARMAN_COLUMNS,
+    bootstrap_spearman,
+    spearman_vs_literature,
+    spearman_vs_md,
+    status_ranks,
+)
 
 
 def _ranking(rows: list[tuple[str, str, float, float | None, str, str]]) -> pd.DataFrame:

@@ -11,9 +11,11 @@ import pytest
 from ase.cell import Cell
 from pymatgen.core import Lattice, Structure
 
-from liflow_screen import config, schema, structures
+from liflow_screen.core import config
+from liflow_screen.io import schema
+from liflow_screen import structures
 from liflow_screen.cli import main
-from liflow_screen.errors import LiflowError
+from liflow_screen.core.errors import LiflowError
 from liflow_screen.structures.embedded import embedded_structures
 from liflow_screen.structures.sources import cif_dir, manifest_file, materials_project
 from mp_server import FakeMP

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from liflow_screen import config
-from liflow_screen.errors import ConfigError, InputError
-from liflow_screen.model.graph import make_batch
-from liflow_screen.model.priors import prior_sigma, sample_prior
-from liflow_screen.model.train import (
-    ListPairSource, Pair, build_batch, flow_loss, flow_meta, load_flow, prior_sigma_for, train_flow,
+from liflow_screen.core import config
+from liflow_screen.core.errors import ConfigError, InputError
+from liflow_screen.flow.graph import make_batch
+from liflow_screen.flow.priors import prior_sigma, sample_prior
+from liflow_screen.flow.training import (
+    ListPairSource,
+    Pair,
+    build_batch,
+    flow_loss,
+    flow_meta,
+    load_flow,
+    prior_sigma_for,
+    train_flow,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

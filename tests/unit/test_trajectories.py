@@ -1,4 +1,4 @@
-"""User trajectories: unwrapping, refusals, frame interval (liflow_screen.trajectories)."""
+"""User trajectories: unwrapping, refusals, frame interval (liflow_screen.dataset.trajectories)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from ase import Atoms
 from ase.io import write
 
-from liflow_screen import trajectories as tr
-from liflow_screen.errors import InputError
-from liflow_screen.stages.trajectories import load_table
+from liflow_screen.dataset import trajectories as tr
+from liflow_screen.core.errors import InputError
+from liflow_screen.stages.run_trajectories import load_table
 
 
 def _walk(seed: int = 0, frames: int = 60, n: int = 5, step: float = 0.06) -> np.ndarray:

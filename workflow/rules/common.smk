@@ -2,7 +2,7 @@
 # per-structure file list, so the DAG stays small at the 4,186-structure scale.
 import pyarrow.parquet as _pq
 
-from liflow_screen import layout
+from liflow_screen.io import layout
 
 
 def manifest_path():
@@ -88,7 +88,7 @@ def report_analysis_inputs(wildcards):
 # built, so the jobs that made them run again instead of their outputs being used. Only in the
 # main process of a real run (WRITES, Snakefile): dry runs and cluster jobs touch no file.
 if WRITES and Path(R).exists():
-    from liflow_screen import verify as _verify
+    from liflow_screen.io import verify as _verify
 
     for _f in _verify.quarantine(R):
         print(

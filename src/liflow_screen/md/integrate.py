@@ -25,9 +25,9 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from .. import seeds
-from ..errors import LiflowError
-from ..io import atomic_path, config_digest
+from ..core import seeds
+from ..core.errors import LiflowError
+from ..io.files import atomic_path, config_digest
 
 FrameCallback = Callable[[str, float, int], None]
 

@@ -14,14 +14,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from ..potentials import EnergyForcesCalculator, Potential
-from .integrate import (
-    FrameCallback,
-    MDSettings,
-    TrajectoryResult,
-    run_trajectory,
-    safe_name,
-)
+from .potentials import EnergyForcesCalculator, Potential
+from .integrate import FrameCallback, MDSettings, TrajectoryResult, run_trajectory, safe_name
 
 
 class _LockstepEvaluator:

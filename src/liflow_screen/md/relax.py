@@ -12,8 +12,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from ..errors import InputError
-from ..potentials import Potential
+from ..core.errors import InputError
+from .potentials import Potential
 
 
 def build_supercell(row: Any) -> Atoms:

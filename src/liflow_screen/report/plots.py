@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis as an
-from ..io import atomic_path
+from ..io.files import atomic_path
 from .metrics import liflow_variants, msd_at
 from .tables import LIFLOW_PREFIX, MD_SOURCE
 

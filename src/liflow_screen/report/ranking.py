@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis as an
-from ..constants import LI_Z
-from ..errors import InputError
+from ..core.constants import LI_Z
+from ..core.errors import InputError
 from .metrics import liflow_variants
 from .tables import LIFLOW_PREFIX, MD_SOURCE, load_structures
 

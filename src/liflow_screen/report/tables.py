@@ -12,9 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from .. import config as config_mod
-from .. import schema
-from ..errors import InputError, SchemaError
+from ..core import config as config_mod
+from ..io import schema
+from ..core.errors import InputError, SchemaError
 
 MD_SOURCE = "md"
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import analysis as an
-from ..errors import InputError
+from ..core.errors import InputError
 from .tables import CURVE_POINTS
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
-from ..geometry import perpendicular_widths, supercell_repeats
+from ..core.errors import InputError
+from ..core.geometry import perpendicular_widths, supercell_repeats
 from .sources import Record, Rejection, cif_dir, manifest_file, materials_project
 
 log = logging.getLogger(__name__)

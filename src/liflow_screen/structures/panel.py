@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from ase.data import atomic_numbers
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 if TYPE_CHECKING:  # pymatgen and pandas are imported lazily (only when structures or tables are built)
     import pandas as pd

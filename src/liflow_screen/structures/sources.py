@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pymatgen.core import Structure
 
-from ..errors import InputError, LiflowError
+from ..core.errors import InputError, LiflowError
 
 log = logging.getLogger(__name__)
 

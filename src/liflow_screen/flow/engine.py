@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import schema
-from .errors import InputError
-from .geometry import center_of_mass
-from .model.graph import GraphBatch
-from .model.painn import FlowModel
-from .model.priors import counter_normal
+from ..io import schema
+from ..core.errors import InputError
+from ..core.geometry import center_of_mass
+from .graph import GraphBatch
+from .painn import FlowModel
+from .priors import counter_normal
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def rollout(
         if m is not None:
             m.element_index(g0.numbers)  # every element has a row (one check, not one per evaluation)
     keys = rollout_keys(generator, n_graphs)
-    from .model.painn import use_compiled_field
+    from .painn import use_compiled_field
 
     compile = compile_policy(dev, compile)
     use_compiled_field(compile)

@@ -25,20 +25,14 @@ import pandas as pd
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from .. import layout, schema
-from ..constants import LI_Z
-from ..errors import InputError
-from ..io import provenance
-from ..md.integrate import (
-    FrameCallback,
-    MDSettings,
-    load_pickle,
-    safe_name,
-    save_pickle,
-)
+from ..io import layout, schema
+from ..core.constants import LI_Z
+from ..core.errors import InputError
+from ..io.files import provenance
+from ..md.integrate import FrameCallback, MDSettings, load_pickle, safe_name, save_pickle
 from ..md.lockstep import MDJob, run_trajectories
 from ..md.relax import build_supercell, relax
-from ..potentials import Potential, load_potential
+from ..md.potentials import Potential, load_potential
 
 
 def _row_get(row: pd.Series, key: str, default: Any = None) -> Any:
@@ -89,7 +83,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
     if potential is None:
         potential = load_potential(md)
 
-    from ..model.published import screening_elements
+    from ..flow.published import screening_elements
 
     usable = screening_elements(cfg)
     struct_rows: list[dict[str, Any]] = []

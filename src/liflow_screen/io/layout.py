@@ -112,7 +112,7 @@ def dataset_frame_files(dataset_dir: str | os.PathLike[str], splits: Sequence[st
     root = Path(dataset_dir) / "frames"
     index = root / FRAMES_INDEX
     if not index.is_file():
-        from .errors import SchemaError
+        from ..core.errors import SchemaError
 
         raise SchemaError(f"{index}: missing (the dataset lists its frame files there; rebuild the dataset)")
     files = [root / f for f in json.loads(index.read_text())["files"]]

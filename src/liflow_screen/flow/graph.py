@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ase.data import atomic_masses
 
-from ..constants import LI_Z
+from ..core.constants import LI_Z
 
 
 @dataclass

@@ -11,18 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from .. import layout, schema
-from ..dataset import ParquetPairSource, delta_frames, load_trajectories
-from ..errors import InputError, SchemaError
-from ..io import provenance, write_json_atomic
-from ..selection import GROUPS, selector_inputs, selector_predictions, slow_map
+from ..io import layout, schema
+from ..dataset.loader import ParquetPairSource, delta_frames, load_trajectories
+from ..core.errors import InputError, SchemaError
+from ..io.files import provenance, write_json_atomic
+from ..flow.selection import GROUPS, selector_inputs, selector_predictions, slow_map
 
 log = logging.getLogger(__name__)
 
 
 def run_selector(cfg: dict[str, Any], dataset_dir: str | Path, out: str | Path, report: str | Path) -> dict[str, Any]:
     """Fit the prior selector on the train split, early-stop on val, evaluate on test (Appendix D.1)."""
-    from ..model.classifier import PriorSelector
+    from ..flow.classifier import PriorSelector
 
     root = Path(dataset_dir)
     structs = schema.read_df(root / "structures.parquet", "structures").set_index("id")
@@ -67,7 +67,7 @@ def run(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, o
                 init_from: str | Path | None = None) -> dict[str, Any]:
     """Train a Propagator (variant adaptive | uniform | isotropic | regressor) or the Corrector,
     from scratch or fine-tuning the flow-model checkpoint ``init_from``."""
-    from ..model.train import train_flow
+    from ..flow.training import train_flow
 
     root = Path(dataset_dir)
     train = load_trajectories(root, ["train"])
@@ -95,7 +95,7 @@ def run(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, o
             structs = schema.read_df(root / layout.STRUCTURES, "structures")
             slow = slow_map(selector_predictions(selector, structs, keys))
     if init_from is not None:  # the model to fine-tune must have an embedding for every element
-        from ..model.train import load_flow
+        from ..flow.training import load_flow
 
         base = load_flow(init_from)
         missing = sorted({e for t in train + val for e in base.unsupported_elements(t.numbers)})
@@ -131,8 +131,8 @@ def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, 
     ``last.pt`` lets a killed training resume; after the dataset, the selector or the (non-resumable)
     training config changed, the workflow re-runs the rule and the old state must not be resumed.
     """
-    from ..io import config_digest, sha256_of
-    from ..model.train import RESUMABLE_KEYS
+    from ..io.files import config_digest, sha256_of
+    from ..flow.training import RESUMABLE_KEYS
 
     use_sel = bool(selector and kind == "propagator" and variant == "adaptive"
                    and cfg["train"]["prior_classes"] == "selector")

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout, schema
-from .errors import SchemaError
+from ..io import layout, schema
+from ..core.errors import SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict
 
     ``pos`` (F, n, 3) unwrapped Å; an empty group gives NaN.
     """
-    from .analysis import mobility_rate
+    from ..analysis import mobility_rate
 
     if not np.isfinite(pos).all():
         raise SchemaError("trajectory contains NaN or infinite positions")
@@ -122,7 +122,7 @@ class ParquetPairSource:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Any]:
         """``batch_size`` pairs as ``model.train.Pair`` objects."""
-        from .model.train import Pair
+        from ..flow.training import Pair
 
         idx = rng.choice(len(self.trajs), size=batch_size, p=self.weights)
         pairs = []

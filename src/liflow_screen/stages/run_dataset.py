@@ -24,11 +24,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import layout, schema
-from ..constants import LI_Z
-from ..dataset import msd_labels
-from ..errors import InputError, SchemaError
-from ..io import provenance
+from ..io import layout, schema
+from ..core.constants import LI_Z
+from ..dataset.loader import msd_labels
+from ..core.errors import InputError, SchemaError
+from ..io.files import provenance
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import layout, schema
-from .errors import SchemaError
+from ..core.errors import SchemaError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..constants import K_B_EV as KB
-from ..errors import ConfigError
+from ..core.constants import K_B_EV as KB
+from ..core.errors import ConfigError
 from .graph import GraphBatch
 
 PRIOR_KINDS = ("isotropic", "uniform", "adaptive")

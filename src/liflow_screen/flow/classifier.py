@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..io import atomic_path, load_torch_file, provenance
+from ..core.errors import InputError
+from ..io.files import atomic_path, load_torch_file, provenance
 
 GROUPS: tuple[str, ...] = ("li", "frame")
 FORMAT = "liflow-prior-selector/1"

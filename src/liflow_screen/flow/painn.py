@@ -20,7 +20,7 @@ Conventions (those of the authors' published models, so their weights load uncha
   frequencies include the 2 pi factor; time block first);
 * atoms are embedded by an element-table row, not directly by atomic number: ``element_rows``
   maps Z to a row (-1 = not in the table). Models trained here use row = Z; imported models
-  carry the table of their training set (see :mod:`liflow_screen.model.published`).
+  carry the table of their training set (see :mod:`liflow_screen.flow.published`).
 
 Everything depending only on X_tau (edges, edge vectors, radial features, unit vectors) lives in a
 :class:`Conditioning` built once per LiFlow step and reused for every flow evaluation.
@@ -37,8 +37,8 @@ import torch
 from ase.data import chemical_symbols
 from torch import Tensor, nn
 
-from ..errors import InputError
-from ..geometry import radius_graph_pbc
+from ..core.errors import InputError
+from ..core.geometry import radius_graph_pbc
 from .graph import GraphBatch
 
 #: Å added to lengths before dividing (unit vectors), as the reference implementation does.

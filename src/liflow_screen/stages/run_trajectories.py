@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import layout, schema
-from ..constants import LI_Z
-from ..errors import InputError
-from ..geometry import perpendicular_widths
-from ..io import provenance
-from ..trajectories import InputTrajectory, read
+from ..io import layout, schema
+from ..core.constants import LI_Z
+from ..core.errors import InputError
+from ..core.geometry import perpendicular_widths
+from ..io.files import provenance
+from ..dataset.trajectories import InputTrajectory, read
 
 log = logging.getLogger(__name__)
 

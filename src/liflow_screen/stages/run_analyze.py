@@ -11,16 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import schema
-from ..errors import InputError
-from ..io import atomic_path, provenance
-from ..report.tables import (
-    ANALYSIS_COLUMNS,
-    full_config,
-    load_status,
-    load_structures,
-    status_lookup,
-)
+from ..io import schema
+from ..core.errors import InputError
+from ..io.files import atomic_path, provenance
+from ..report.tables import ANALYSIS_COLUMNS, full_config, load_status, load_structures, status_lookup
 from ..report.trajectory import analyze_trajectory
 
 

@@ -12,7 +12,7 @@ config classes of the hyper-parameters (they just hold their state and are conve
 dicts / lists). A file that names any other global (e.g. a function to call) is refused.
 
 Import writes the project's own flow-model checkpoint (``model.train.CKPT_FORMAT``): weights
-renamed to :class:`~liflow_screen.model.painn.FlowModel` (whose conventions match), the element
+renamed to :class:`~liflow_screen.flow.painn.FlowModel` (whose conventions match), the element
 table (Z -> embedding row), the prior settings, Δτ, and provenance (source file, SHA-256, license,
 settings the checkpoint implies).
 
@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError, LiflowError
-from ..io import atomic_path, provenance, sha256_of
+from ..core.errors import InputError, LiflowError
+from ..io.files import atomic_path, provenance, sha256_of
 from .painn import N_Z, FlowModel
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
     ``delta_tau_ps``: Δτ of the model in ps; known for the published files (by SHA-256), required
     for any other file. Returns the metadata written (kind, prior, hparams, Δτ, provenance).
     """
-    from .train import CKPT_FORMAT
+    from .training import CKPT_FORMAT
 
     src = Path(src)
     digest = sha256_of(src)
@@ -422,7 +422,7 @@ def _imported_checkpoint(src: Path, digest: str) -> dict[str, Any] | None:
     import (a shipped copy, or an earlier ``import-model`` output); None for anything else (e.g. a
     Lightning checkpoint, which the weights-only loader without the OmegaConf stand-ins refuses).
     A shipped file is recognised by its SHA-256 first."""
-    from .train import CKPT_FORMAT
+    from .training import CKPT_FORMAT
 
     if digest not in _shipped_digests():
         if src.stat().st_size > 64 << 20:
@@ -452,7 +452,7 @@ def _copy_imported(src: Path, blob: dict[str, Any], digest: str, out: str | os.P
                    config: dict[str, Any] | None) -> dict[str, Any]:
     """Import an already imported checkpoint: a byte copy (its SHA-256 recorded in the log), or,
     with an ``element_index``, a copy with that element table (restricted to the trained rows)."""
-    from .train import flow_meta
+    from .training import flow_meta
 
     if delta_tau_ps is not None and abs(float(delta_tau_ps) - float(blob["delta_tau_ps"])) > 1e-12:
         raise InputError(f"{src} is an imported model with Δτ {blob['delta_tau_ps']} ps, not {delta_tau_ps} ps")

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .errors import SchemaError
-from .io import atomic_path
+from ..core.errors import SchemaError
+from .files import atomic_path
 
 META_KEY = b"liflow_screen"
 SPLITS = ("train", "val", "test")

@@ -58,7 +58,7 @@ def versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    from . import __version__
+    from .. import __version__
 
     out["liflow-screen"] = __version__  # the code that ran (also when run from a checkout via PYTHONPATH)
     return out
@@ -99,7 +99,7 @@ def load_torch_file(path: str | os.PathLike[str], fmt: str, what: str) -> dict[s
     """
     import torch
 
-    from .errors import InputError
+    from ..core.errors import InputError
 
     p = Path(path)
     if not p.is_file():

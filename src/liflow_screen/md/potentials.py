@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
-from .errors import ConfigError, InputError, LiflowError
-from .runtime import resolve_device
+from ..core.errors import ConfigError, InputError, LiflowError
+from ..core.runtime import resolve_device
 
 # mace-torch pins e3nn 0.4.4, whose import calls torch.load on a pickle that torch >= 2.6 refuses
 # under weights_only=True. mace itself sets this variable on import; set it before any e3nn import.
@@ -299,7 +299,7 @@ def build_random_mace(size: str = "tiny", seed: int = 0, n_elements: int = 89) -
 
 def save_mace_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
     """Save a MACE model as a full pickled module (the format mace-torch writes and ``mace-file`` reads)."""
-    from .io import atomic_path
+    from ..io.files import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save(model, tmp)

@@ -14,19 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from .. import schema
-from ..io import atomic_path, provenance, sha256_of, write_json_atomic
+from ..io import schema
+from ..io.files import atomic_path, provenance, sha256_of, write_json_atomic
 from ..report.metrics import compute_metrics, prior_agreement
 from ..report.plots import arrhenius_plots, literature_plot, parity_plots
 from ..report.ranking import compute_ranking, diffusivity_by_source, ranking_source
 from ..report.spearman import SPEARMAN_COLUMNS, spearman_vs_literature, spearman_vs_md
-from ..report.tables import (
-    full_config,
-    load_priors,
-    load_status,
-    load_structures,
-    read_analysis,
-)
+from ..report.tables import full_config, load_priors, load_status, load_structures, read_analysis
 
 
 def _write_csv(df: pd.DataFrame, path: Path, prov: dict[str, Any]) -> None:

@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputError
-from ..io import atomic_path, config_digest, load_torch_file, provenance, write_json_atomic
-from ..runtime import resolve_device
+from ..core.errors import ConfigError, InputError
+from ..io.files import atomic_path, config_digest, load_torch_file, provenance, write_json_atomic
+from ..core.runtime import resolve_device
 from .graph import GraphBatch, make_batch
 from .painn import FlowModel
 from .priors import prior_sigma, sample_prior, select_scales
@@ -280,7 +280,7 @@ def train_flow(
         lr, clip = float(tcfg["lr"]), float(tcfg["grad_clip"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"config section train is incomplete or ill-typed ({exc}); "
-                          "pass a config from liflow_screen.config.validate") from exc
+                          "pass a config from liflow_screen.core.config.validate") from exc
     if total < 1:
         raise ConfigError("max_steps must be >= 1")
     regressor = variant == "regressor"

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import layout, schema, seeds
-from ..constants import LI_Z
-from ..errors import InputError, SchemaError
-from ..io import provenance
-from ..selection import selector_predictions
+from ..io import layout, schema
+from ..core import seeds
+from ..core.constants import LI_Z
+from ..core.errors import InputError, SchemaError
+from ..io.files import provenance
+from ..flow.selection import selector_predictions
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PILOT_UNCERTAIN_FACTOR = 2.0
 def rolled_out_structures(structs: pd.DataFrame, ids: list[str], reps: list[int] | tuple[int, ...]) -> pd.DataFrame:
     """STRUCTURES rows (indexed by id) of the cells the rollouts start from: each structure's
     relaxed supercell repeated ``reps`` = (n_a, n_b, n_c) times (rollout.supercell; Å)."""
-    from ..geometry import tile
+    from ..core.geometry import tile
 
     sub = structs.loc[ids].copy()
     if tuple(reps) == (1, 1, 1):
@@ -59,7 +60,7 @@ def rolled_out_structures(structs: pd.DataFrame, ids: list[str], reps: list[int]
 
 def _graph(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: Any):
     """GraphBatch of the cells (``structs`` rows) of ``batch`` [(id, T K, split)]."""
-    from ..model.graph import make_batch
+    from ..flow.graph import make_batch
 
     sts = [structs.loc[j[0]] for j in batch]
     return make_batch([np.asarray(s["numbers"]) for s in sts], [np.asarray(s["positions"]).reshape(-1, 3) for s in sts],
@@ -85,7 +86,7 @@ def batch_atom_budget(cfg_value: int | None, device: Any) -> int:
         return int(cfg_value)
     import torch
 
-    from ..rollout import BYTES_PER_EDGE
+    from ..flow.engine import BYTES_PER_EDGE
 
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -129,8 +130,8 @@ def _rollout_batches(cfg: dict[str, Any], prop: Any, corr: Any, structs: pd.Data
     """
     import torch
 
-    from ..model.train import prior_sigma_for
-    from ..rollout import rollout
+    from ..flow.training import prior_sigma_for
+    from ..flow.engine import rollout
 
     rc = cfg["rollout"]
     regressor = prop.liflow_meta["prior"]["kind"] == "none"
@@ -252,10 +253,10 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, structures_path: str | P
     how it was chosen) and structures.parquet (the cells rolled out, for the analysis).
     ``labels_path``: the dataset's labels (rollout.prior_selection: labels).
     """
-    from .. import config as cfgmod
-    from ..model.train import load_flow
-    from ..rollout import frame_rows, rollout_status_rows
-    from ..runtime import resolve_device
+    from ..core import config as cfgmod
+    from ..flow.training import load_flow
+    from ..flow.engine import frame_rows, rollout_status_rows
+    from ..core.runtime import resolve_device
 
     rc = cfg["rollout"]
     device = resolve_device(rc["device"], key="rollout.device")

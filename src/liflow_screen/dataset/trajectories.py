@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 
 #: Largest frame-to-frame move, as a fraction of a lattice vector, that unwraps unambiguously.
 MAX_FRAME_JUMP = 0.25

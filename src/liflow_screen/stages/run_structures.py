@@ -10,8 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from .. import schema
-from ..io import provenance
+from ..io import schema
+from ..io.files import provenance
 from ..structures import build_manifest
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import SchemaError
+from ..core.errors import SchemaError
 
 GROUPS = ("li", "frame")
 
@@ -41,7 +41,7 @@ def selector_inputs(structs: pd.DataFrame, ids: list[str]) -> dict[str, np.ndarr
 def selector_predictions(selector_path: str | Path, structs: pd.DataFrame, pairs: list[tuple[str, float]]) -> pd.DataFrame:
     """Predictions for (id, T) pairs: columns id, temperature, p_slow_li, p_slow_frame, li_slow,
     frame_slow, uncertain (P(slow) of either group within UNCERTAIN_BAND of 0.5)."""
-    from .model.classifier import PriorSelector
+    from .classifier import PriorSelector
 
     sel = PriorSelector.load(selector_path)
     ids = [p[0] for p in pairs]
