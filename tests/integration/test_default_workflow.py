@@ -130,4 +130,4 @@ def test_train_demo_and_default_dags(tmp_path):
 
 def test_outputs_unchanged_by_refactors(run):
     """ranking.csv, metrics.csv and diffusivity.csv byte-identical to those of the code before issue 17."""
-    assert_golden("default-3", run / "reports")
+    assert_golden("default-3", run[0] / "reports")
