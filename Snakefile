@@ -36,22 +36,24 @@ else:
         f'export PYTHONPATH="{workflow.basedir}/src${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; '
     )
 
-# Cross-key checks and defaults from the same schema, via the package (one config schema).
+# Cross-key checks and defaults from the same schema, via the package (one config schema), then
+# the typed settings every stage builds from the same validated config.
 from liflow_screen.core import config as _lcfg
 from liflow_screen.core.errors import ConfigError as _ConfigError
+from liflow_screen.core.settings import Settings as _Settings
 
 try:
     CFG = _lcfg.validate(config)
 except _ConfigError as _exc:
     raise WorkflowError(f"config: {_exc}")
+S = _Settings.from_config(CFG)
 
-R = CFG["results_dir"]
-TEMPS = [int(round(t)) for t in CFG["md"]["temperatures"]]
-ROLL_TEMPS = [int(round(t)) for t in _lcfg.rollout_temperatures(CFG)]
-VARIANTS = CFG["train"]["variants"]
-PRE = CFG["pretrained"]
+R = S.results_dir
+TEMPS = [int(round(t)) for t in S.md.temperatures]
+ROLL_TEMPS = [int(round(t)) for t in S.rollout_temperatures]
+VARIANTS = list(S.train.variants)
 # "published": the authors' imported Propagator (+ Corrector), screened without training.
-PUBLISHED = ["published"] if PRE["propagator"] else []
+PUBLISHED = ["published"] if S.pretrained.propagator else []
 # Rollout variants: the published models and every trained Propagator, plus "<name>-noC"
 # (no Corrector) when ablated.
 NO_CORRECTOR = "-noC"
@@ -60,32 +62,30 @@ ROLL_VARIANTS = (
     + VARIANTS
     + (
         [v + NO_CORRECTOR for v in PUBLISHED + VARIANTS if v != "regressor"]
-        if CFG["rollout"]["ablate_corrector"] and CFG["rollout"]["corrector"]
+        if S.rollout.ablate_corrector and S.rollout.corrector
         else []
     )
 )
-USE_SELECTOR = CFG["rollout"]["prior_selection"] == "selector"
-USE_LABELS = CFG["rollout"]["prior_selection"] == "labels"
-TRAIN_SELECTOR = CFG["train"]["prior_classes"] == "selector"
+USE_SELECTOR = S.rollout.prior_selection == "selector"
+USE_LABELS = S.rollout.prior_selection == "labels"
+TRAIN_SELECTOR = S.train.prior_classes == "selector"
 # The user's own trajectories replace structure collection and the reference MD.
-OWN_TRAJECTORIES = CFG["structures"]["source"] == "trajectories"
+OWN_TRAJECTORIES = S.structures.source == "trajectories"
 
-# The resolved config every rule reads; rewritten only when it changes so mtimes stay put.
-# Written by the main process of a real run only: a dry run (-n), --lint or a cluster job's
-# re-parse writes nothing.
+# The resolved config every rule reads (params.config). Written by Snakemake's onstart hook, which
+# runs only in the main process of a run that executes jobs (not in a dry run, --lint, --summary or
+# a cluster job's re-parse), and rewritten only when it changes so its mtime stays put.
 from snakemake_interface_executor_plugins.settings import ExecMode as _ExecMode
 
-_DRY = any(
-    a in ("--dry-run", "--dryrun", "--lint", "--summary", "--detailed-summary")
-    or (a.startswith("-") and not a.startswith("--") and "n" in a[1:])
-    for a in sys.argv[1:]
-)
-WRITES = workflow.exec_mode == _ExecMode.DEFAULT and not _DRY
+MAIN_PROCESS = workflow.exec_mode == _ExecMode.DEFAULT
 RUNCFG = f"{R}/config.resolved.yaml"
-_text = yaml.safe_dump(CFG, sort_keys=True)
-if WRITES and (not Path(RUNCFG).exists() or Path(RUNCFG).read_text() != _text):
-    Path(R).mkdir(parents=True, exist_ok=True)
-    Path(RUNCFG).write_text(_text)
+
+
+onstart:
+    _text = yaml.safe_dump(CFG, sort_keys=True)
+    if not Path(RUNCFG).exists() or Path(RUNCFG).read_text() != _text:
+        Path(R).mkdir(parents=True, exist_ok=True)
+        Path(RUNCFG).write_text(_text)
 
 
 include: "workflow/rules/common.smk"

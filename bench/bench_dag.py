@@ -27,9 +27,10 @@ def fabricate_manifest(cfg: dict, n: int, path: Path) -> None:
     from liflow_screen.core import config
     from liflow_screen.io import schema
     from liflow_screen import structures
+    from liflow_screen.core.settings import Settings
 
     emb = config.deep_merge(cfg, {"structures": {"source": "embedded", "min_width": 9.0}})
-    base, _, _ = structures.build_manifest(config.validate(emb))
+    base, _, _ = structures.build_manifest(Settings.from_config(config.validate(emb)))
     reps = -(-n // len(base))
     df = base.loc[np.tile(base.index, reps)].reset_index(drop=True).iloc[:n].copy()
     df["id"] = [f"fab-{i:05d}-{sid}" for i, sid in enumerate(df["id"])]

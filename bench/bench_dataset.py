@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from liflow_screen.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -28,7 +29,7 @@ def fabricate(root: Path, n_struct: int = 8, n_atoms: int = 112, n_frames: int =
     from liflow_screen.stages import run_dataset as dataset_stage
 
     rng = np.random.default_rng(seed)
-    cfg = config.validate({"md": {"temperatures": [800], "timestep_fs": 1.0, "save_every": 10, "duration_ps": 25.0}})
+    cfg = Settings.defaults(md={"temperatures": [800], "timestep_fs": 1.0, "save_every": 10, "duration_ps": 25.0})
     cdir = layout.chunk_dir(root / "md", 0)
     srows, status, frames, man = [], [], [], []
     for s in range(n_struct):
@@ -74,13 +75,13 @@ def main() -> None:
             cfg = fabricate(Path(tmp))
             root, kind = Path(tmp) / "dataset", "fabricated (8 x 112 atoms, 2501 frames, 800 K)"
         else:
-            cfg = config.load(args.config)
+            cfg = Settings.load(args.config)
             root, kind = args.dataset, f"workflow dataset {args.dataset}"
         bpaf = dataset.bytes_per_atom_frame(root)
         t0 = time.perf_counter()
         trajs = dataset.load_trajectories(root, ["train", "val", "test"])
         load_s = time.perf_counter() - t0
-        src = dataset.ParquetPairSource(trajs, dataset.delta_frames(cfg))
+        src = dataset.ParquetPairSource(trajs, cfg.delta_tau_frames)
         rng = np.random.default_rng(0)
         batch = 16
         n_batches = 2000

@@ -43,7 +43,7 @@ import torch
 from liflow_screen.io import schema
 from liflow_screen.core import seeds
 from liflow_screen.analysis import arrhenius_fit
-from liflow_screen.core.config import validate
+from liflow_screen.core.settings import Settings
 from liflow_screen.io.files import versions, write_json_atomic
 from liflow_screen.flow.graph import make_batch
 from liflow_screen.flow.published import import_checkpoint
@@ -123,7 +123,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     print(f"rollouts: {args.steps} steps x {len(TEMPS)} temperatures in {wall:.0f} s")
 
-    acfg = validate({})["analysis"]
+    acfg = Settings.defaults().analysis
     numbers = np.array([site.specie.Z for site in sc])
     per_T = []
     for k, T in enumerate(TEMPS):

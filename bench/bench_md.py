@@ -15,6 +15,7 @@ Usage: ``python bench/bench_md.py [--steps 20] [--batch 4] [--threads N] [--out 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ from ase.build import bulk
 from liflow_screen.md import integrate, lockstep
 from liflow_screen.md import potentials as P
 from liflow_screen.io.files import write_json_atomic
+from liflow_screen.core.settings import MDSettings
 
 
 class ModelTimer:
@@ -60,21 +62,21 @@ def li2o(rep=(2, 2, 2)):
     return bulk("Li2O", "fluorite", a=4.62, cubic=True).repeat(rep)
 
 
-def settings_for(steps: int, save_every: int = 5) -> integrate.MDSettings:
+def settings_for(steps: int, save_every: int = 5) -> MDSettings:
     """MD settings running ``steps`` 1-fs steps (a multiple of save_every)."""
     steps = max(save_every, steps - steps % save_every)
-    return integrate.MDSettings(timestep_fs=1.0, duration_ps=steps / 1000.0, save_every=save_every, seed=0,
-                         max_step_displacement=50.0, max_temperature_factor=1e6)
+    return dataclasses.replace(MDSettings.defaults(), timestep_fs=1.0, duration_ps=steps / 1000.0,
+                               save_every=save_every, max_step_displacement=50.0, max_temperature_factor=1e6)
 
 
 def bench_step(pot: P.Potential, atoms, steps: int) -> dict:
     calc = P.EnergyForcesCalculator(pot)
-    integrate.run_trajectory("warmup", atoms, 600.0, settings_for(5), calc)  # e3nn codegen, allocator warm-up
+    integrate.run_trajectory("warmup", atoms, 600.0, settings_for(5), calc, seed=0)  # e3nn codegen, allocator warm-up
     timer = ModelTimer(pot.model)
     s = settings_for(steps)
     n_steps = (s.n_frames - 1) * s.save_every
     t0 = time.perf_counter()
-    res = integrate.run_trajectory("bench", atoms, 600.0, s, calc)
+    res = integrate.run_trajectory("bench", atoms, 600.0, s, calc, seed=0)
     wall = time.perf_counter() - t0
     timer.remove()
     return {
@@ -90,12 +92,12 @@ def bench_step(pot: P.Potential, atoms, steps: int) -> dict:
 def bench_batched(pot: P.Potential, structures: list, steps: int, batch: int) -> dict:
     s = settings_for(steps)
     jobs = [lockstep.MDJob(f"s{i}", a, 600.0 + 100 * i) for i, a in enumerate(structures)]
-    lockstep.run_trajectories(jobs[:batch], pot, settings_for(5), batch_size=batch)  # warm-up batched shapes
+    lockstep.run_trajectories(jobs[:batch], pot, settings_for(5), 0, batch_size=batch)  # warm-up batched shapes
     t0 = time.perf_counter()
-    serial = lockstep.run_trajectories(jobs, pot, s, batch_size=1)
+    serial = lockstep.run_trajectories(jobs, pot, s, 0, batch_size=1)
     t_serial = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = lockstep.run_trajectories(jobs, pot, s, batch_size=batch)
+    batched = lockstep.run_trajectories(jobs, pot, s, 0, batch_size=batch)
     t_batched = time.perf_counter() - t0
     diff = max(float(np.abs(b.positions.astype(np.float64) - a.positions).max()) for a, b in zip(serial, batched))
     n_steps = (s.n_frames - 1) * s.save_every
@@ -133,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     big = li2o()
     small_cells = [li2o((2, 1, 1)) for _ in range(args.batch)]
     with tempfile.TemporaryDirectory() as tmp:
-        pots = {"chgnet": P.load_potential({"potential": "chgnet"}, device="cpu")}
+        pots = {"chgnet": P.load_potential(MDSettings.defaults(potential="chgnet"), device="cpu")}
         for size in ("small", "tiny"):
             path = P.save_mace_model(P.build_random_mace(size, seed=0), Path(tmp) / f"{size}.model")
-            pots[f"mace-random-{size}"] = P.load_potential({"potential": "mace-file", "model_path": str(path)},
+            pots[f"mace-random-{size}"] = P.load_potential(MDSettings.defaults(potential="mace-file", model_path=str(path)),
                                                            device="cpu")
         for name, pot in pots.items():
             out["potentials"][name] = bench_step(pot, big, args.steps)

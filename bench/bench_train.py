@@ -26,12 +26,13 @@ from liflow_screen.io.files import provenance, write_json_atomic
 from liflow_screen.flow.training import (
     ListPairSource,
     Pair,
-    _model_from_cfg,
+    _model_from_settings,
     _prior_settings,
     build_batch,
     flow_loss,
     train_flow,
 )
+from liflow_screen.core.settings import Settings
 
 A = 4.03
 FRAC = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],
@@ -67,30 +68,30 @@ def main() -> None:
     ap.add_argument("--out", default="results/bench/train.json")
     args = ap.parse_args()
 
-    cfg = config.validate({"train": {"device": "auto", "val_every": args.steps, "val_batches": 1}})
-    tcfg = cfg["train"]
+    cfg = Settings.defaults(train={"device": "auto", "val_every": args.steps, "val_batches": 1})
+    tcfg = cfg.train
     pairs = make_pairs(64, seed=0)
     prior = _prior_settings("propagator", "adaptive", tcfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = _model_from_cfg(tcfg, cfg["seed"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
+    model = _model_from_settings(tcfg, cfg.seed).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     rng = np.random.default_rng(1)
     gen = torch.Generator().manual_seed(1)
     load0 = os.getloadavg()
 
     def one_step() -> float:
-        batch = [pairs[int(i)] for i in rng.integers(0, len(pairs), tcfg["batch_size"])]
+        batch = [pairs[int(i)] for i in rng.integers(0, len(pairs), tcfg.batch_size)]
         b = build_batch(batch, "propagator", prior, gen).to(device)
         loss = flow_loss(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         return float(loss.detach())
 
     for _ in range(3):
         one_step()
-    b = build_batch(pairs[:tcfg["batch_size"]], "propagator", prior, gen)
+    b = build_batch(pairs[:tcfg.batch_size], "propagator", prior, gen)
     n_edges = model.to("cpu").condition(b.g).n_edges
     model.to(device)
     times = []
@@ -110,10 +111,10 @@ def main() -> None:
         "what": "LiFlow Propagator training step (adaptive prior), Table A2 model, batch 16",
         "cell": f"LiF rock salt {REPS[0]}x{REPS[1]}x{REPS[2]} supercell",
         "atoms_per_cell": n_atoms,
-        "atoms_per_batch": n_atoms * tcfg["batch_size"],
+        "atoms_per_batch": n_atoms * tcfg.batch_size,
         "edges_per_batch": n_edges,
-        "mean_neighbours": n_edges / (n_atoms * tcfg["batch_size"]),
-        "batch_size": tcfg["batch_size"],
+        "mean_neighbours": n_edges / (n_atoms * tcfg.batch_size),
+        "batch_size": tcfg.batch_size,
         "params": model.n_parameters(),
         "paper_params_approx": 175_000,
         "step_s_median": float(np.median(times)),

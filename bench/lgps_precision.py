@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from liflow_screen.analysis import arrhenius_fit
-from liflow_screen.core.config import validate
+from liflow_screen.core.settings import Settings
 from liflow_screen.io.files import versions, write_json_atomic
 from liflow_screen.report.trajectory import analyze_trajectory
 
@@ -35,7 +35,7 @@ def main() -> None:
     numbers, cell, temps = f["numbers"], f["cell"], [float(t) for t in f["temperatures"]]
     dt_ps = float(f["delta_tau_ps"])
     n = len(numbers)
-    acfg = validate({})["analysis"]
+    acfg = Settings.defaults().analysis
     out: dict = {"source": str(args.traj), "delta_tau_ps": dt_ps, "temperatures_K": temps, "precisions": {}}
     for p in ("fp32", "tf32", "bf16"):
         key = f"{p}/positions"

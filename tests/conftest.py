@@ -14,12 +14,18 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/mp_server.py etc.
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def default_cfg():
-    """The validated default config (schema defaults only)."""
+def make_settings(raw: dict | None = None):
+    """Typed settings of a config given as a dict (validated, schema defaults filled)."""
     from liflow_screen.core import config
+    from liflow_screen.core.settings import Settings
 
-    return config.validate({})
+    return Settings.from_config(config.validate(raw or {}))
+
+
+@pytest.fixture
+def default_settings():
+    """The settings of the schema defaults only."""
+    return make_settings({})
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .core.errors import LiflowError
 
+if TYPE_CHECKING:
+    from .core.settings import Settings
+
 log = logging.getLogger("liflow_screen")
 
-Handler = Callable[[argparse.Namespace, dict[str, Any]], None]
+Handler = Callable[[argparse.Namespace, "Settings"], None]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
 
 
@@ -37,10 +40,10 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
 
 
 @command("validate-config", "validate a config file and print it with defaults filled", lambda p: None)
-def _validate(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _validate(ns: argparse.Namespace, settings: Settings) -> None:
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(dict(settings.config), sort_keys=False))
 
 
 def _args_structures(p: argparse.ArgumentParser) -> None:
@@ -48,10 +51,10 @@ def _args_structures(p: argparse.ArgumentParser) -> None:
 
 
 @command("structures", "collect structures, build supercells, split by composition", _args_structures)
-def _structures(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _structures(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_structures
 
-    run_structures.run(cfg, ns.out)
+    run_structures.run(settings, ns.out)
 
 
 def _args_trajectories(p: argparse.ArgumentParser) -> None:
@@ -63,10 +66,10 @@ def _args_trajectories(p: argparse.ArgumentParser) -> None:
 
 @command("trajectories", "bring your own trajectories: read, check, unwrap into an MD-chunk folder",
          _args_trajectories)
-def _trajectories(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _trajectories(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_trajectories
 
-    run_trajectories.run(cfg, ns.trajectories, ns.manifest_out, ns.out_dir)
+    run_trajectories.run(settings, ns.trajectories, ns.manifest_out, ns.out_dir)
 
 
 def _args_md(p: argparse.ArgumentParser) -> None:
@@ -76,10 +79,10 @@ def _args_md(p: argparse.ArgumentParser) -> None:
 
 
 @command("md", "relax, describe and run reference MD for one manifest chunk", _args_md)
-def _md(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _md(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_md
 
-    run_md.run(cfg, ns.manifest, ns.chunk, ns.out_dir, progress=True)
+    run_md.run(settings, ns.manifest, ns.chunk, ns.out_dir, progress=True)
 
 
 def _args_dataset(p: argparse.ArgumentParser) -> None:
@@ -90,10 +93,10 @@ def _args_dataset(p: argparse.ArgumentParser) -> None:
 
 
 @command("dataset", "merge MD chunks into the Parquet trajectory dataset with labels", _args_dataset)
-def _dataset(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _dataset(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_dataset
 
-    run_dataset.run(cfg, ns.manifest, ns.md_files, ns.out_dir)
+    run_dataset.run(settings, ns.manifest, ns.md_files, ns.out_dir)
 
 
 def _args_selector(p: argparse.ArgumentParser) -> None:
@@ -103,10 +106,10 @@ def _args_selector(p: argparse.ArgumentParser) -> None:
 
 
 @command("train-selector", "train the prior-selector classifiers (Li, frame)", _args_selector)
-def _train_selector(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _train_selector(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_train
 
-    run_train.run_selector(cfg, ns.dataset, ns.out, ns.report)
+    run_train.run_selector(settings, ns.dataset, ns.out, ns.report)
 
 
 def _args_train(p: argparse.ArgumentParser) -> None:
@@ -120,10 +123,10 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 
 @command("train", "train a Propagator or the Corrector (conditional flow matching)", _args_train)
-def _train(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _train(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_train
 
-    run_train.run(cfg, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
+    run_train.run(settings, ns.dataset, ns.kind, ns.variant, ns.out_dir, selector=ns.selector, max_steps=ns.max_steps,
               init_from=ns.init_from)
 
 
@@ -140,10 +143,10 @@ def _args_import(p: argparse.ArgumentParser) -> None:
 
 
 @command("import-model", "import a published LiFlow checkpoint into this project's model format", _args_import)
-def _import_model(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _import_model(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_import_model
 
-    run_import_model.run(cfg, ns.out, kind=ns.kind, name=ns.name, checkpoint=ns.checkpoint,
+    run_import_model.run(settings, ns.out, kind=ns.kind, name=ns.name, checkpoint=ns.checkpoint,
                          element_index=ns.element_index, delta_tau_ps=ns.delta_tau_ps)
 
 
@@ -160,10 +163,10 @@ def _args_rollout(p: argparse.ArgumentParser) -> None:
 
 
 @command("rollout", "batched LiFlow rollouts (Algorithm 1) for one chunk of structures", _args_rollout)
-def _rollout(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _rollout(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_rollout
 
-    run_rollout.run(cfg, ns.manifest, ns.structures, ns.selector, ns.propagator, ns.corrector, ns.variant,
+    run_rollout.run(settings, ns.manifest, ns.structures, ns.selector, ns.propagator, ns.corrector, ns.variant,
                 ns.chunk, ns.out_dir, labels_path=ns.labels)
 
 
@@ -177,10 +180,11 @@ def _args_analyze(p: argparse.ArgumentParser) -> None:
 
 
 @command("analyze", "MSD, kinisi D*, RDF for the trajectories of one chunk", _args_analyze)
-def _analyze(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _analyze(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_analyze
 
-    run_analyze.run(ns.frames, ns.structures, ns.out, cfg=cfg, status=ns.status, sources=[ns.source])
+    run_analyze.run(ns.frames, ns.structures, ns.out, settings=settings, status=ns.status,
+                    sources=[ns.source])
 
 
 def _args_report(p: argparse.ArgumentParser) -> None:
@@ -196,11 +200,11 @@ def _args_report(p: argparse.ArgumentParser) -> None:
 
 @command("report", "metrics.csv (Table 1 layout), ranking.csv, prior_classes.csv, spearman.csv and plots",
          _args_report)
-def _report(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _report(ns: argparse.Namespace, settings: Settings) -> None:
     from .stages import run_report
 
-    run_report.run(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, cfg=cfg,
-               variant=cfg["analysis"]["ranking_variant"], labels_table=ns.labels, models=ns.models)
+    run_report.run(ns.analysis, ns.structures, ns.status, ns.priors, ns.out_dir, settings=settings,
+                   variant=settings.analysis.ranking_variant, labels_table=ns.labels, models=ns.models)
 
 
 def _args_verify(p: argparse.ArgumentParser) -> None:
@@ -210,10 +214,10 @@ def _args_verify(p: argparse.ArgumentParser) -> None:
 
 
 @command("verify", "check workflow outputs for corrupt Parquet files (exit 1 if any)", _args_verify)
-def _verify(ns: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def _verify(ns: argparse.Namespace, settings: Settings) -> None:
     from .io import verify
 
-    root = ns.results or Path(cfg["results_dir"])
+    root = ns.results or Path(settings.results_dir)
     bad = verify.check(root, deep=ns.deep)
     for f, reason in bad:
         print(f"corrupt: {f}: {reason}")
@@ -262,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "urllib3", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .core import config
+    from .core.settings import Settings
 
     if ns.threads:
         os.environ["OMP_NUM_THREADS"] = str(ns.threads)
@@ -272,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             torch.set_num_threads(ns.threads)
     try:
-        cfg = config.load(ns.config)
-        _COMMANDS[ns.command][2](ns, cfg)
+        settings = Settings.load(ns.config)
+        _COMMANDS[ns.command][2](ns, settings)
     except LiflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from liflow_screen.io import layout, schema
 from liflow_screen.md import potentials
 from liflow_screen.cli import main
 from liflow_screen.md import integrate
+from liflow_screen.core.settings import MDSettings
 
 TEMPS = [600, 900]
 MD = {"potential": "chgnet", "temperatures": TEMPS, "timestep_fs": 2.0, "save_every": 5, "duration_ps": 0.1}
@@ -25,12 +26,13 @@ MD = {"potential": "chgnet", "temperatures": TEMPS, "timestep_fs": 2.0, "save_ev
 @pytest.fixture(scope="module")
 def md_frames():
     """Two short CHGNet trajectories of rock-salt LiCl (8 atoms), unwrapped, float32 as the MD stage stores."""
-    pot = potentials.load_potential({"potential": "chgnet"})
-    settings = integrate.MDSettings(timestep_fs=2.0, duration_ps=0.1, save_every=5, seed=3)
+    pot = potentials.load_potential(MDSettings.defaults(potential="chgnet"))
+    settings = MDSettings.defaults(timestep_fs=2.0, duration_ps=0.1, save_every=5)
     atoms = bulk("LiCl", "rocksalt", a=5.13, cubic=True)
     out = {}
     for T in TEMPS:
-        res = integrate.run_trajectory("LiCl", atoms, float(T), settings, potentials.EnergyForcesCalculator(pot))
+        res = integrate.run_trajectory("LiCl", atoms, float(T), settings, potentials.EnergyForcesCalculator(pot),
+                                       seed=3)
         assert res.status == "ok" and res.n_frames == 11
         out[T] = (atoms.get_atomic_numbers(), atoms.cell.array.copy(), res.positions.astype(np.float32),
                   res.energies)

@@ -26,7 +26,7 @@ from liflow_screen.flow.graph import make_batch
 from liflow_screen.flow.painn import FlowModel
 from liflow_screen.flow.training import prior_sigma_for
 from liflow_screen.flow.engine import rollout
-from liflow_screen import seeds
+from liflow_screen.core import seeds
 
 shared = sys.argv[1]
 if shared:

@@ -247,11 +247,11 @@ def test_corrupt_intermediate_is_detected_and_rebuilt(reference_run, tmp_path):
 
 def test_training_loss_falls_on_workflow_data(reference_run, tmp_path):
     """The Propagator's training loss falls on the MD dataset the workflow built (not synthetic data)."""
-    from liflow_screen.core import config
+    from liflow_screen.core.settings import Settings
     from liflow_screen.stages import run_train as train
 
     d, _ = reference_run
-    cfg = config.load(d / "results" / "config.resolved.yaml",
+    cfg = Settings.load(d / "results" / "config.resolved.yaml",
                       overrides={"train": {"max_steps": 120, "val_every": 40, "batch_size": 8, "features": 32,
                                            "layers": 2, "radial": 8}})
     summary = train.run(cfg, d / "results" / "dataset", "propagator", "adaptive", tmp_path / "prop",

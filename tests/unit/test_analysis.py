@@ -10,6 +10,7 @@ import pytest
 from liflow_screen import analysis as an
 from liflow_screen.core import config
 from liflow_screen.core.errors import InputError
+from conftest import make_settings
 
 
 def _random_walk(seed: int, n_frames: int, n_li: int, n_frame: int, d_li: float, dt: float,
@@ -296,7 +297,7 @@ def test_vacancy_hopping_is_not_a_molten_li_sublattice():
     Brownian Li in the same frame: α2 ≈ 0, li_molten."""
     from liflow_screen.report.trajectory import analyze_trajectory
 
-    cfg = config.validate({})["analysis"]
+    cfg = make_settings({}).analysis
     pos, nums, cell = _vacancy_lattice_gas()
     t = np.arange(len(pos)) * 1.0
     li = nums == 3
@@ -332,6 +333,6 @@ def test_framework_drift_is_not_melting():
     frame = nums != 3
     np.testing.assert_allclose(an.remove_framework_drift(moved, frame), pos, atol=0.1)
     assert an.framework_melt_ratio(moved, t, nums, cell, frame) >= 1.0  # drift alone would flag it
-    row = analyze_trajectory(moved, t, nums, cell, config.validate({})["analysis"], diffusion=False)
+    row = analyze_trajectory(moved, t, nums, cell, make_settings({}).analysis, diffusion=False)
     assert not row["frame_melted"] and row["frame_melt_ratio"] < 0.2 and not row["li_molten"]
     assert not row["li_resolved"]  # the Li only vibrate on their sites

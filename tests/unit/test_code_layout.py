@@ -35,3 +35,63 @@ def test_each_cli_stage_has_its_stage_module() -> None:
         if name in ("validate-config", "verify", "train-selector"):
             continue  # config / results-folder utilities; train-selector is run_train's
         assert "run_" + name.replace("-", "_") in stages, name
+
+
+def test_config_is_read_through_the_typed_settings_only() -> None:
+    """No module walks the config dict: ``cfg["`` appears only in config loading (core/config.py,
+    the validation and cross-key rules), and only core/settings.py imports the config loader."""
+    walkers, loaders = [], []
+    for f in PKG.rglob("*.py"):
+        rel = str(f.relative_to(PKG))
+        text = f.read_text()
+        if 'cfg["' in text and rel != "core/config.py":
+            walkers.append(rel)
+        if re.search(r"from \.+core import config\b|from \.+core\.config import|from \. import config\b", text) \
+                and rel not in ("core/settings.py",):
+            loaders.append(rel)
+    assert not walkers, f"modules walking the config dict: {walkers}"
+    assert not loaders, f"modules importing the config loader instead of the settings: {loaders}"
+
+
+def test_settings_name_exactly_the_schema_keys() -> None:
+    """Every schema key is a settings field and the reverse (the builder refuses a mismatch), with the
+    field types the builder can cast; the defaults build."""
+    import dataclasses
+
+    from liflow_screen.core import config
+    from liflow_screen.core.settings import Settings
+
+    sch = config.schema()
+
+    def keys(s: dict) -> set[str]:
+        return set(s.get("properties", {}))
+
+    s = Settings.defaults()
+    assert keys(sch) == {f.name for f in dataclasses.fields(Settings)} - {"config"}
+    for name, sub in sch["properties"].items():
+        if sub.get("type") == "object" and "properties" in sub:
+            section = getattr(s, name)
+            assert keys(sub) == {f.name for f in dataclasses.fields(section)}, name
+    assert s.md.temperatures == (600.0, 1000.0) and isinstance(s.rollout.n_steps, int)
+
+
+def test_settings_builder_casts_once_and_refuses_unknown_keys() -> None:
+    import pytest
+
+    from liflow_screen.core.errors import ConfigError
+    from liflow_screen.core.settings import Settings, _build, AnalysisSettings
+
+    raw = dict(Settings.defaults().config["analysis"])
+    raw.update(target_temperature=300, rdf_bins=50, metric_tau_ps=None)
+    a = _build(AnalysisSettings, raw, "analysis")
+    assert type(a.target_temperature) is float and a.target_temperature == 300.0 and a.metric_tau_ps is None
+    with pytest.raises(ConfigError, match="disagree.*not in the settings \\['extra'\\]"):
+        _build(AnalysisSettings, {**raw, "extra": 1}, "analysis")
+    with pytest.raises(dataclasses_frozen_error()):
+        a.top_n = 3  # frozen
+
+
+def dataclasses_frozen_error() -> type[Exception]:
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError

@@ -16,12 +16,13 @@ from liflow_screen.io import layout, schema
 from liflow_screen.stages import run_dataset as dataset_stage
 from liflow_screen.cli import main
 from liflow_screen.core.errors import SchemaError
+from conftest import make_settings
 
 TEMPS = [600, 1000]
 
 
 def _cfg():
-    return config.validate({"md": {"temperatures": TEMPS, "timestep_fs": 2.0, "save_every": 10, "duration_ps": 2.0}})
+    return make_settings({"md": {"temperatures": TEMPS, "timestep_fs": 2.0, "save_every": 10, "duration_ps": 2.0}})
 
 
 def md_files(root: Path, chunks=(0, 1)) -> list[Path]:
@@ -154,7 +155,7 @@ def test_pair_source_balanced_and_exact(tmp_path):
     cfg = _cfg()
     dataset_stage.run(cfg, tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
     trajs = dataset.load_trajectories(out, ["train"])
-    k = dataset.delta_frames(cfg)
+    k = cfg.delta_tau_frames
     assert k == 50
     src = dataset.ParquetPairSource(trajs, k, slow={("b1", 600): (True, False)})
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from liflow_screen.core.errors import ConfigError
 from liflow_screen.core.geometry import tile
 from liflow_screen.flow.painn import FlowModel
 from liflow_screen.flow.training import CKPT_FORMAT
+from conftest import make_settings
 
 SMALL = dict(features=16, radial=8, layers=2)
 
@@ -90,12 +91,13 @@ def own_dataset(tmp_path_factory):
         write(d / f"run_{T}.extxyz", frames, format="extxyz")
         lines.append(f"LiCl,run_{T}.extxyz,{T},10")
     (d / "trajectories.csv").write_text("\n".join(lines) + "\n")
-    cfg = config.validate({"structures": {"source": "trajectories", "path": str(d / "trajectories.csv")},
-                           "md": {"temperatures": [600, 1000], "timestep_fs": 1.0, "save_every": 10},
-                           "dataset": {"delta_tau_frames": 5}})
-    paths = trajectories.run(cfg, d / "trajectories.csv", d / "manifest.parquet", d / "md" / "chunk_00000")
+    cfg = {"structures": {"source": "trajectories", "path": str(d / "trajectories.csv")},
+           "md": {"temperatures": [600, 1000], "timestep_fs": 1.0, "save_every": 10},
+           "dataset": {"delta_tau_frames": 5}}
+    settings = make_settings(cfg)
+    paths = trajectories.run(settings, d / "trajectories.csv", d / "manifest.parquet", d / "md" / "chunk_00000")
     md_files = [paths["structures"], paths["status"], paths["frames_T600"], paths["frames_T1000"]]
-    dataset.run(cfg, d / "manifest.parquet", md_files, d / "dataset")
+    dataset.run(settings, d / "manifest.parquet", md_files, d / "dataset")
     return d, cfg
 
 
@@ -116,11 +118,11 @@ def test_supercell_rollout_streamed_with_label_priors(own_dataset, tmp_path) -> 
     cfg = config.deep_merge(cfg, {"rollout": {"temperatures": [600, 900], "n_steps": 4, "n_flow": 2,
                                               "supercell": [2, 1, 1], "corrector_every": 2,
                                               "prior_selection": "labels"}})
-    cfg = config.validate(cfg)
+    cfg = make_settings(cfg)
     adaptive = {"kind": "adaptive", "prior_li": [1.0, 10.0], "prior_frame": [0.5, 0.5]}
-    _checkpoint(tmp_path / "P.pt", "propagator", adaptive, 1, cfg["dataset"]["delta_tau_ps"])
+    _checkpoint(tmp_path / "P.pt", "propagator", adaptive, 1, cfg.dataset.delta_tau_ps)
     _checkpoint(tmp_path / "C.pt", "corrector", {"kind": "uniform", "scale": 0.1, "sigma_max": 0.1}, 2,
-                cfg["dataset"]["delta_tau_ps"])
+                cfg.dataset.delta_tau_ps)
     out = tmp_path / "chunk"
     stage.run(cfg, d / "manifest.parquet", d / "dataset" / layout.STRUCTURES, None, tmp_path / "P.pt",
               tmp_path / "C.pt", "adaptive", 0, out, labels_path=d / "dataset" / layout.LABELS)

@@ -19,6 +19,9 @@ from liflow_screen.md.relax import build_supercell, relax
 from liflow_screen.stages import run_md as md_stage
 from liflow_screen.md import potentials as P
 from liflow_screen.core.geometry import mic_displacements
+from liflow_screen.core.settings import MDSettings, Settings
+
+from conftest import make_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,7 +35,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> P.Potential:
     path = P.save_mace_model(P.build_random_mace("tiny", seed=1), tmp_path_factory.mktemp("m") / "tiny.model")
-    return P.load_potential({"potential": "mace-file", "model_path": str(path)})
+    return P.load_potential(MDSettings.defaults(potential="mace-file", model_path=str(path)))
 
 
 def li2o() -> Atoms:
@@ -55,7 +58,11 @@ def cfg_of(**md_over) -> dict:
            "duration_ps": 0.08, "save_every": 4, "relax_steps": 0, "relax_cell": False, "checkpoint_every": 2}
     mdc.update(md_over)
     frame_ps = mdc["timestep_fs"] * mdc["save_every"] / 1000
-    return config.validate({"seed": 3, "md": mdc, "dataset": {"delta_tau_ps": frame_ps}})
+    return {"seed": 3, "md": mdc, "dataset": {"delta_tau_ps": frame_ps}}
+
+
+def settings_of(**md_over) -> Settings:
+    return make_settings(cfg_of(**md_over))
 
 
 def test_build_supercell():
@@ -83,7 +90,7 @@ def test_relax_lowers_energy_and_reports_failure(tiny):
 
 
 def test_chunk_outputs_units_and_temperature(tiny, tmp_path):
-    cfg = cfg_of(temperatures=[600, 900], duration_ps=0.6, save_every=10, timestep_fs=2.0, relax_steps=3)
+    cfg = settings_of(temperatures=[600, 900], duration_ps=0.6, save_every=10, timestep_fs=2.0, relax_steps=3)
     man = pd.DataFrame([row("md-1", li2o(), rep=(2, 2, 1)), row("nomd", li2o(), run_md=False, split="test"),
                         row("other-chunk", li2o(), chunk=1)])
     paths = md_stage.run(cfg, man, 0, tmp_path, potential=tiny, progress=False)
@@ -113,8 +120,8 @@ def test_chunk_outputs_units_and_temperature(tiny, tmp_path):
 def test_trajectory_is_unwrapped(tiny):
     a = li2o().repeat((2, 2, 1))
     a.positions -= a.positions[0]  # atoms sit on the x=0, y=0, z=0 faces: half leave the cell
-    settings = integrate.MDSettings(timestep_fs=2.0, duration_ps=0.2, save_every=5, seed=1)
-    res = integrate.run_trajectory("unwrap", a, 1200.0, settings, P.EnergyForcesCalculator(tiny))
+    settings = MDSettings.defaults(timestep_fs=2.0, duration_ps=0.2, save_every=5)
+    res = integrate.run_trajectory("unwrap", a, 1200.0, settings, P.EnergyForcesCalculator(tiny), seed=1)
     assert res.status == "ok" and res.n_frames == 21
     frac = res.positions.astype(np.float64) @ np.linalg.inv(a.cell.array)
     assert (frac < 0).any()  # atoms crossed a face and were NOT wrapped back
@@ -126,7 +133,7 @@ def test_trajectory_is_unwrapped(tiny):
 
 
 def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
-    cfg = cfg_of(temperatures=[700], duration_ps=0.08, save_every=4, checkpoint_every=2)
+    cfg = settings_of(temperatures=[700], duration_ps=0.08, save_every=4, checkpoint_every=2)
     man = pd.DataFrame([row("r1", li2o()), row("r2", li2o().repeat((1, 1, 2)))])
     ref_paths = md_stage.run(cfg, man, 0, tmp_path / "ref", potential=tiny, progress=False)
     ref = schema.read_df(ref_paths["frames_T700"], "frames")
@@ -161,7 +168,7 @@ def test_failure_isolation(tiny, tmp_path, batch_size):
     crushed.positions[1] = crushed.positions[0] + [0.2, 0.0, 0.0]  # Li on top of O: ZBL blows it apart
     uranium = li2o()
     uranium.numbers[0] = 92  # not in the tiny model: relaxation fails
-    cfg = cfg_of(batch_size=batch_size, temperatures=[600], duration_ps=0.04)
+    cfg = settings_of(batch_size=batch_size, temperatures=[600], duration_ps=0.04)
     man = pd.DataFrame([row("good", li2o()), row("crushed", crushed), row("uranium", uranium),
                         row("good2", li2o().repeat((2, 1, 1)))])
     paths = md_stage.run(cfg, man, 0, tmp_path, potential=tiny, progress=False)
@@ -177,7 +184,7 @@ def test_failure_isolation(tiny, tmp_path, batch_size):
 
 
 def test_batched_equals_one_by_one(tiny):
-    settings = integrate.MDSettings(timestep_fs=2.0, duration_ps=0.04, save_every=4, seed=5)
+    settings = MDSettings.defaults(timestep_fs=2.0, duration_ps=0.04, save_every=4)
     jobs = [lockstep.MDJob("a", li2o(), 600.0), lockstep.MDJob("b", li2o().repeat((2, 1, 1)), 600.0),
             lockstep.MDJob("a", li2o(), 1000.0)]
     calls: list[int] = []
@@ -189,10 +196,10 @@ def test_batched_equals_one_by_one(tiny):
 
     tiny.energies_forces = counting  # instance attribute: counts model calls, computes the same
     try:
-        serial = lockstep.run_trajectories(jobs, tiny, settings, batch_size=1)
+        serial = lockstep.run_trajectories(jobs, tiny, settings, 5, batch_size=1)
         n_serial = len(calls)
         calls.clear()
-        batched = lockstep.run_trajectories(jobs, tiny, settings, batch_size=3)
+        batched = lockstep.run_trajectories(jobs, tiny, settings, 5, batch_size=3)
     finally:
         del tiny.energies_forces
     n_steps = 5 * 4
@@ -205,9 +212,9 @@ def test_batched_equals_one_by_one(tiny):
 
 
 def test_chgnet_short_md():
-    pot = P.load_potential({"potential": "chgnet"})
-    settings = integrate.MDSettings(timestep_fs=1.0, duration_ps=0.004, save_every=2, seed=0)
-    res = integrate.run_trajectory("li2o", li2o(), 800.0, settings, P.EnergyForcesCalculator(pot))
+    pot = P.load_potential(MDSettings.defaults(potential="chgnet"))
+    settings = MDSettings.defaults(timestep_fs=1.0, duration_ps=0.004, save_every=2)
+    res = integrate.run_trajectory("li2o", li2o(), 800.0, settings, P.EnergyForcesCalculator(pot), seed=0)
     assert res.status == "ok" and res.n_frames == 3
     assert np.all(res.energies / 12 < -3.0) and np.ptp(res.energies) < 1.0
 
@@ -218,7 +225,7 @@ def test_published_only_screening_skips_relaxing_what_nothing_rolls_out(tiny, tm
     the covered row is relaxed as always. A row WITH MD is relaxed whatever its elements."""
     cfg = config.deep_merge(cfg_of(relax_steps=3), {"train": {"variants": []},
                                                     "pretrained": {"propagator": "P_universal"}})
-    cfg = config.validate(cfg)
+    cfg = make_settings(cfg)
     libr = bulk("LiBr", "rocksalt", a=5.50, cubic=True)
     libr.rattle(0.05, seed=2)
     man = pd.DataFrame([row("LiBr", libr, run_md=False), row("Li2O", li2o(), run_md=False),

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
+from liflow_screen.core.settings import MDSettings
 from liflow_screen.md import potentials as P
 from liflow_screen.core.errors import InputError, LiflowError
 
+
+def md(d: dict) -> MDSettings:
+    """MD settings: the schema defaults with ``d``."""
+    return MDSettings.defaults(**d)
+
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def li2o(rattle: float = 0.05, seed: int = 0):
 
 
 def test_mace_file_batched_matches_calculator(tiny_path):
-    pot = P.load_potential({"potential": "mace-file", "model_path": str(tiny_path), "dtype": "float64"})
+    pot = P.load_potential(md({"potential": "mace-file", "model_path": str(tiny_path), "dtype": "float64"}))
     assert pot.name == "mace-file" and pot.device == "cpu"
     a, b = li2o(seed=0), li2o(seed=1).repeat((2, 1, 1))
     energies, forces = pot.energies_forces([a, b])  # one batched graph
@@ -53,7 +58,7 @@ def test_mace_file_batched_matches_calculator(tiny_path):
 
 def test_energy_invariant_to_lattice_translation_of_one_atom(tiny_path):
     """Unwrapped input: moving an atom by a lattice vector changes nothing."""
-    pot = P.load_potential({"potential": "mace-file", "model_path": str(tiny_path)})
+    pot = P.load_potential(md({"potential": "mace-file", "model_path": str(tiny_path)}))
     a = li2o()
     b = a.copy()
     b.positions[0] += 2 * a.cell[0] - a.cell[2]
@@ -63,7 +68,7 @@ def test_energy_invariant_to_lattice_translation_of_one_atom(tiny_path):
 
 
 def test_mace_descriptors_are_group_means(tiny_path):
-    pot = P.load_potential({"potential": "mace-file", "model_path": str(tiny_path)})
+    pot = P.load_potential(md({"potential": "mace-file", "model_path": str(tiny_path)}))
     a = li2o()
     feats = pot.atom_features(a)
     assert feats.shape == (12, 8)  # tiny: 8x0e hidden irreps, first interaction layer
@@ -111,22 +116,22 @@ def test_mace_mp_small_resolution(tmp_path, monkeypatch, tiny_path):
     assert cache_file == tmp_path / "cache" / "mace" / "20231210mace128L0_energy_epoch249model"
 
     with pytest.raises(LiflowError) as err:
-        P.load_potential({"potential": "mace-mp-0-small"})
+        P.load_potential(md({"potential": "mace-mp-0-small"}))
     msg = str(err.value)
     assert "\n" not in msg and "md.model_path" in msg and str(cache_file) in msg and "network" in msg
     assert not cache_file.exists()  # no half-downloaded file left behind
 
     with pytest.raises(LiflowError):
-        P.load_potential({"potential": "mace-mp-0-small"}, allow_download=False)
+        P.load_potential(md({"potential": "mace-mp-0-small"}), allow_download=False)
     with pytest.raises(InputError, match="does not exist"):
-        P.load_potential({"potential": "mace-mp-0-small", "model_path": str(tmp_path / "missing.model")})
+        P.load_potential(md({"potential": "mace-mp-0-small", "model_path": str(tmp_path / "missing.model")}))
 
     # explicit file, then the cache: both load through the mace-file code path
-    pot = P.load_potential({"potential": "mace-mp-0-small", "model_path": str(tiny_path)})
+    pot = P.load_potential(md({"potential": "mace-mp-0-small", "model_path": str(tiny_path)}))
     assert pot.name == "mace-mp-0-small" and isinstance(pot, P.MacePotential)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_bytes(tiny_path.read_bytes())
-    pot2 = P.load_potential({"potential": "mace-mp-0-small"})
+    pot2 = P.load_potential(md({"potential": "mace-mp-0-small"}))
     a = li2o()
     assert pot2.energies_forces([a])[0][0] == pytest.approx(pot.energies_forces([a])[0][0])
 
@@ -135,11 +140,11 @@ def test_bad_model_file_is_input_error(tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_text("not a model")
     with pytest.raises(InputError, match="not a loadable MACE model"):
-        P.load_potential({"potential": "mace-file", "model_path": str(bad)})
+        P.load_potential(md({"potential": "mace-file", "model_path": str(bad)}))
 
 
 def test_chgnet_descriptors_and_batch():
-    pot = P.load_potential({"potential": "chgnet"})
+    pot = P.load_potential(md({"potential": "chgnet"}))
     a, b = li2o(seed=0), li2o(seed=2)
     d_li, d_frame = pot.descriptors(a)
     assert d_li.shape == (64,) and d_frame.shape == (64,) and d_li.dtype == np.float32

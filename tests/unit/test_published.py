@@ -207,18 +207,18 @@ def test_pilot_prior_selection(universal, one_torch_thread) -> None:
     1200 K came out fast for 2 of 5 seeds, LiFePO4 at 600 K for 1 of 5 (README)."""
     import pandas as pd
 
-    from liflow_screen.core import config
-    from liflow_screen.stages import run_rollout as stages
+    from conftest import make_settings
+    from liflow_screen.flow.selection import choose_prior_classes
 
     fx = np.load(SHARED / "parity_fixture.npz")
     structs = pd.DataFrame([{"id": s, "numbers": fx[f"{s}/numbers"], "positions": fx[f"{s}/positions"].reshape(-1),
                              "cell": fx[f"{s}/cell"].reshape(-1)} for s in ("Li3N_2x2x2", "Li2O", "LiFePO4")]
                            ).set_index("id")
-    cfg = config.validate({"rollout": {"prior_selection": "pilot", "pilot_steps": 6}})
+    cfg = make_settings({"rollout": {"prior_selection": "pilot", "pilot_steps": 6}})
     jobs = [("Li3N_2x2x2", 1200.0, "test"), ("Li2O", 600.0, "test"), ("Li2O", 1200.0, "test"),
             ("LiFePO4", 600.0, "test")]
     prop, corr = load_flow(universal[0]), load_flow(universal[1])
-    got = stages.choose_prior_classes(cfg, "pilot", prop, corr, structs, jobs, None, "cpu", "liflow:published")
+    got = choose_prior_classes(cfg, "pilot", prop, corr, structs, jobs, None, "cpu", "liflow:published")
     got = got.set_index(["id", "temperature"])
     assert not got.loc[("Li3N_2x2x2", 1200), "li_slow"] and got.loc[("Li3N_2x2x2", 1200), "pilot_rate_li"] > 0.2
     assert got.loc[("Li2O", 600), "li_slow"] and got.loc[("Li2O", 600), "pilot_rate_li"] < 0.05
@@ -228,9 +228,9 @@ def test_pilot_prior_selection(universal, one_torch_thread) -> None:
     assert (got["uncertain"] == ((rate >= 0.05) & (rate <= 0.2))).all()
     assert got["frame_slow"].all() and set(got["method"]) == {"pilot"}
     # the pilot is reproducible (its own seeded stream) and fixed classes need no pilot
-    again = stages.choose_prior_classes(cfg, "pilot", prop, corr, structs, jobs[:1], None, "cpu", "x")
+    again = choose_prior_classes(cfg, "pilot", prop, corr, structs, jobs[:1], None, "cpu", "x")
     assert again["pilot_rate_li"].iloc[0] == got.loc[("Li3N_2x2x2", 1200), "pilot_rate_li"]
-    fast = stages.choose_prior_classes(cfg, "fast", prop, corr, structs, jobs, None, "cpu", "x")
+    fast = choose_prior_classes(cfg, "fast", prop, corr, structs, jobs, None, "cpu", "x")
     assert not fast["li_slow"].any() and not fast["frame_slow"].any()
 
 
@@ -238,11 +238,12 @@ def test_pilot_prior_selection(universal, one_torch_thread) -> None:
 def test_fine_tuning_starts_from_imported_weights(universal, tmp_path, one_torch_thread) -> None:
     from test_train import _pairs
 
-    from liflow_screen.core import config
+    from conftest import make_settings
     from liflow_screen.flow.training import ListPairSource, train_flow
 
-    cfg = config.validate({"seed": 0, "dataset": {"delta_tau_ps": 1.0},
-                           "train": {"batch_size": 2, "val_every": 2, "val_batches": 1, "device": "cpu"}})
+    raw = {"seed": 0, "dataset": {"delta_tau_ps": 1.0},
+           "train": {"batch_size": 2, "val_every": 2, "val_batches": 1, "device": "cpu"}}
+    cfg = make_settings(raw)
     src = ListPairSource(_pairs(4, seed=1))  # LiF: Li and F have rows in the published table
     train_flow("propagator", "adaptive", cfg, src, src, tmp_path / "ft", max_steps=2, progress=False,
                init_from=universal[0])
@@ -258,7 +259,7 @@ def test_fine_tuning_starts_from_imported_weights(universal, tmp_path, one_torch
         train_flow("propagator", "uniform", cfg, src, src, tmp_path / "u", max_steps=1, progress=False,
                    init_from=universal[0])
     with pytest.raises(InputError, match="Δτ"):
-        train_flow("propagator", "adaptive", config.deep_merge(cfg, {"dataset": {"delta_tau_ps": 0.5}}), src, src,
+        train_flow("propagator", "adaptive", make_settings({**raw, "dataset": {"delta_tau_ps": 0.5}}), src, src,
                    tmp_path / "d", max_steps=1, progress=False, init_from=universal[0])
     with pytest.raises(InputError, match="cannot fine-tune a corrector"):
         train_flow("corrector", "uniform", cfg, src, src, tmp_path / "c", max_steps=1, progress=False,

@@ -32,6 +32,7 @@ from liflow_screen.report.ranking import compute_ranking
 from liflow_screen.report.tables import read_analysis
 from liflow_screen.stages.run_analyze import run as analyze_trajectories
 from liflow_screen.stages.run_report import run as write_reports
+from conftest import make_settings
 
 A = 3.0           # Å, Li-Li site spacing (simple cubic)
 NSIDE = 3         # 27 Li sites in a 9 Å cube, 27 frame atoms on the body centres
@@ -130,7 +131,7 @@ def dataset(tmp_path_factory):
         part = layout.frame_partition_path(root / "frames", T, split)
         schema.write_rows(rows, part / f"{src.replace(':', '_')}.parquet", "frames")
     schema.write_rows(status, root / "status.parquet", "status")
-    cfg = config.validate({"analysis": {"kinisi_samples": 500, "kinisi_n_dt": 15, "top_n": 3}})
+    cfg = make_settings({"analysis": {"kinisi_samples": 500, "kinisi_n_dt": 15, "top_n": 3}})
     files = [layout.frame_partition_path(root / "frames", T, split) / f"{src.replace(':', '_')}.parquet"
              for (T, split, src) in by_file]
     table = analyze_trajectories(files, root / "structures.parquet", root / "analysis.parquet", cfg,
@@ -153,7 +154,7 @@ def test_analysis_rows_msd_and_hop_length(dataset):
         assert r.stable == (r.status == "ok")
         # hop length: shortest Li-Li distance of frame 0, a = 3 Å up to the vibration
         assert abs(r.li_hop_A - A) < 6 * SIG_LI
-        assert len(r.rdf) == dataset["cfg"]["analysis"]["rdf_bins"]
+        assert len(r.rdf) == dataset["cfg"].analysis.rdf_bins
 
 
 def test_known_diffusivities_recovered(dataset):
@@ -312,7 +313,7 @@ def test_report_stage_runs_without_torch(dataset, tmp_path):
 
     root = dataset["root"]
     cfgfile = tmp_path / "cfg.yaml"
-    cfgfile.write_text(yaml.safe_dump(dataset["cfg"]))
+    cfgfile.write_text(yaml.safe_dump(dict(dataset["cfg"].config)))
     code = ("import importlib.abc, sys\n"
             "class NoTorch(importlib.abc.MetaPathFinder):  # any `import torch` raises ImportError\n"
             "    def find_spec(self, name, path, target=None):\n"

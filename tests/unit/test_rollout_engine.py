@@ -16,7 +16,7 @@ from liflow_screen.flow.graph import make_batch
 from liflow_screen.flow.painn import FlowModel
 from liflow_screen.flow.priors import counter_normal, philox4x32, prior_sigma
 from liflow_screen.flow.engine import rollout
-from liflow_screen.stages.run_rollout import pack_batches
+from liflow_screen.flow.batching import pack_batches
 
 SMALL = dict(features=16, radial=8, layers=2)
 

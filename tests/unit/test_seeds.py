@@ -42,7 +42,7 @@ def test_streams_differ_and_repeat() -> None:
 
 
 def test_independent_of_python_hash_seed() -> None:
-    code = "from liflow_screen import seeds; print(seeds.trajectory_seed(3, 'emb-Li3N', 1200.0, 1).generate_state(2))"
+    code = "from liflow_screen.core import seeds; print(seeds.trajectory_seed(3, 'emb-Li3N', 1200.0, 1).generate_state(2))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
     assert len(outs) == 1 and outs != {""}

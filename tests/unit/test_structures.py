@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from liflow_screen.cli import main
 from liflow_screen.core.errors import LiflowError
 from liflow_screen.structures.embedded import embedded_structures
 from liflow_screen.structures.sources import cif_dir, manifest_file, materials_project
+from conftest import make_settings
 from mp_server import FakeMP
 
 # ---------------------------------------------------------------------------------- embedded
@@ -40,7 +43,7 @@ def test_embedded_set_is_ordered_li_and_sourced():
 
 @pytest.mark.parametrize("min_width", [7.0, 9.0])
 def test_supercell_widths_meet_minimum(min_width):
-    cfg = config.validate({"structures": {"min_width": min_width}})
+    cfg = make_settings({"structures": {"min_width": min_width}})
     df, rejected, _ = structures.build_manifest(cfg)
     assert not rejected and len(df) >= 12
     for row in df.itertuples():
@@ -73,22 +76,22 @@ def test_split_by_composition_disjoint_seeded():
     assert counts == {"test": 4, "val": 4, "train": 32}
 
 
-def test_manifest_split_no_composition_in_two_splits(default_cfg):
-    df, _, _ = structures.build_manifest(default_cfg)
+def test_manifest_split_no_composition_in_two_splits(default_settings):
+    df, _, _ = structures.build_manifest(default_settings)
     per_comp = df.groupby("reduced_formula")["split"].nunique()
     assert (per_comp == 1).all()
     assert set(df["split"]) == {"train", "val", "test"}
-    assert df["chunk"].max() == (len(df) - 1) // default_cfg["md"]["chunk_size"]
+    assert df["chunk"].max() == (len(df) - 1) // default_settings.md.chunk_size
 
 
 def test_md_cap_per_split_mapping():
-    cfg = config.validate({"md": {"max_structures": {"train": 2, "test": 0}}})
+    cfg = make_settings({"md": {"max_structures": {"train": 2, "test": 0}}})
     df, _, _ = structures.build_manifest(cfg)
     assert df[df.run_md]["split"].value_counts().to_dict() == {"train": 2, "val": int((df.split == "val").sum())}
 
 
 def test_md_cap_picks_smallest_cells_per_split():
-    cfg = config.validate({"md": {"max_structures": 1, "splits": ["train", "test"]}})
+    cfg = make_settings({"md": {"max_structures": 1, "splits": ["train", "test"]}})
     df, _, _ = structures.build_manifest(cfg)
     chosen = df[df.run_md]
     assert sorted(chosen["split"]) == ["test", "train"]
@@ -125,10 +128,10 @@ def mp_docs():
     ]
 
 
-def test_mp_query_through_real_client(mp_docs, default_cfg):
-    mp_cfg = dict(default_cfg["structures"]["mp"])
+def test_mp_query_through_real_client(mp_docs, default_settings):
+    mp_cfg = default_settings.structures.mp
     with FakeMP(mp_docs, db_version="2025.09.25") as srv:
-        mp_cfg["endpoint"] = srv.url
+        mp_cfg = dataclasses.replace(mp_cfg, endpoint=srv.url)
         recs, rejected, prov = materials_project(mp_cfg, api_key="k" * 32)
     assert [r.id for r in recs] == ["mp-1138", "mp-2251"]
     assert recs[0].band_gap == 8.7 and recs[1].e_above_hull == 0.05
@@ -143,25 +146,26 @@ def test_mp_query_through_real_client(mp_docs, default_cfg):
     assert srv.keys[-1] == "k" * 32
 
 
-def test_mp_retries_with_backoff_then_succeeds(mp_docs, default_cfg):
-    mp_cfg = dict(default_cfg["structures"]["mp"], backoff_s=0.01, retries=3)
+def test_mp_retries_with_backoff_then_succeeds(mp_docs, default_settings):
+    mp_cfg = dataclasses.replace(default_settings.structures.mp, backoff_s=0.01, retries=3)
     with FakeMP(mp_docs, fail_first=2) as srv:
-        mp_cfg["endpoint"] = srv.url
+        mp_cfg = dataclasses.replace(mp_cfg, endpoint=srv.url)
         recs, _, _ = materials_project(mp_cfg, api_key="k" * 32)
     assert len(recs) == 2
     assert sum("summary" in r for r in srv.requests) >= 3
 
 
-def test_mp_gives_up_after_retries(mp_docs, default_cfg):
-    mp_cfg = dict(default_cfg["structures"]["mp"], backoff_s=0.01, retries=1)
+def test_mp_gives_up_after_retries(mp_docs, default_settings):
+    mp_cfg = dataclasses.replace(default_settings.structures.mp, backoff_s=0.01, retries=1)
     with FakeMP(mp_docs, fail_first=100) as srv:
-        mp_cfg["endpoint"] = srv.url
+        mp_cfg = dataclasses.replace(mp_cfg, endpoint=srv.url)
         with pytest.raises(LiflowError, match="after 2 attempt"):
             materials_project(mp_cfg, api_key="k" * 32)
 
 
-def test_mp_unreachable_server_is_a_clear_error(default_cfg):
-    mp_cfg = dict(default_cfg["structures"]["mp"], backoff_s=0.01, retries=1, endpoint="http://127.0.0.1:9/")
+def test_mp_unreachable_server_is_a_clear_error(default_settings):
+    mp_cfg = dataclasses.replace(default_settings.structures.mp, backoff_s=0.01, retries=1,
+                                 endpoint="http://127.0.0.1:9/")
     with pytest.raises(LiflowError, match="Materials Project query failed"):
         materials_project(mp_cfg, api_key="k" * 32)
 
@@ -258,14 +262,14 @@ def test_panel_source_with_own_structures(tmp_path):
 
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "LiBr.cif").write_text((REPO / ".test" / "tiny" / "LiBr.cif").read_text())
-    cfg = config.validate({"structures": {"source": "panel", "panel_ids": ["panel-Li3N", "panel-Li4P2S6"],
+    cfg = make_settings({"structures": {"source": "panel", "panel_ids": ["panel-Li3N", "panel-Li4P2S6"],
                                           "path": str(tmp_path / "own"), "min_width": 5.0}})
     df, rejected, extra = structures.build_manifest(cfg)
     assert not rejected and sorted(df["id"]) == ["LiBr", "panel-Li3N", "panel-Li4P2S6"]
     assert extra["panel_ids"] == ["panel-Li3N", "panel-Li4P2S6"] and extra["own_structures"]["ids"] == ["LiBr"]
     assert "Rabenau" in df.set_index("id").loc["panel-Li3N", "source"]
     with pytest.raises(LiflowError, match="unknown panel id"):
-        structures.build_manifest(config.validate({"structures": {"source": "panel", "panel_ids": ["panel-Nope"]}}))
+        structures.build_manifest(make_settings({"structures": {"source": "panel", "panel_ids": ["panel-Nope"]}}))
     with pytest.raises(LiflowError, match="panel_ids"):
         config.validate({"structures": {"panel_ids": ["Li3N"]}})  # ids of the panel start with panel-
 

@@ -23,6 +23,7 @@ from liflow_screen.flow.training import (
     prior_sigma_for,
     train_flow,
 )
+from conftest import make_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -84,7 +85,7 @@ def _cfg(**train: object) -> dict:
             "prior_li": [sc[(3, T1)], sc[(3, T2)]], "prior_frame": [sc[(9, T1)], sc[(9, T2)]],
             "uniform_scale": 1.0, "isotropic_scale": 0.3}
     base.update(train)
-    return config.validate({"seed": 0, "train": base})
+    return make_settings({"seed": 0, "train": base})
 
 
 def _euler_exact_ratio(q: float, n_flow: int) -> float:
@@ -135,7 +136,7 @@ def test_build_batch_semantics() -> None:
     assert np.allclose(b.g.pos.numpy(), x0)
     assert b.t.shape == (6,) and float(b.t.min()) >= 0 and float(b.t.max()) < 1
     # Corrector: conditioning is X~ = x1 + D and the target is -D, so X~ + D1 == x1.
-    smax = cfg["train"]["corrector_sigma_max"]
+    smax = cfg.train.corrector_sigma_max
     c = build_batch(pairs * 50, "corrector", {"kind": "uniform", "scale": 0.1, "sigma_max": smax}, gen)
     xx1 = np.concatenate([p.x1 for p in pairs * 50])
     assert np.allclose(c.g.pos.numpy() + c.d1.numpy(), xx1, atol=1e-5)
@@ -198,7 +199,7 @@ def test_same_seed_same_weights_and_resume(tmp_path: Path) -> None:
     train_flow("propagator", "adaptive", cfg, tr, va, tmp_path / "a", max_steps=30, progress=False)
     train_flow("propagator", "adaptive", cfg, tr, va, tmp_path / "b", max_steps=30, progress=False)
     assert _same(_state(tmp_path / "a/last.pt"), _state(tmp_path / "b/last.pt"))
-    cfg1 = config.deep_merge(cfg, {"seed": 1})
+    cfg1 = make_settings({**cfg.config, "seed": 1})
     train_flow("propagator", "adaptive", cfg1, tr, va, tmp_path / "c", max_steps=30, progress=False)
     assert not _same(_state(tmp_path / "a/last.pt"), _state(tmp_path / "c/last.pt"))
 

@@ -18,7 +18,7 @@ def md_chunks():
 def rollout_chunks():
     """Rollout chunk indices: manifest rows in blocks of rollout.chunk_size."""
     n = _pq.ParquetFile(manifest_path()).metadata.num_rows
-    size = CFG["rollout"]["chunk_size"]
+    size = S.rollout.chunk_size
     return list(range((n + size - 1) // size))
 
 
@@ -26,7 +26,8 @@ chunk_str = layout.chunk_str
 
 
 def section(name):
-    """A config section as JSON: a param, so a change of it re-runs the rule (rerun-triggers)."""
+    """A config section as JSON (as validated): a param, so a change of it re-runs the rule
+    (rerun-triggers)."""
     return json.dumps(CFG[name], sort_keys=True)
 
 
@@ -45,13 +46,13 @@ def propagator_file(variant):
 def corrector_files(variant):
     """[] or [the Corrector checkpoint] a rollout variant uses."""
     if (
-        not CFG["rollout"]["corrector"]
+        not S.rollout.corrector
         or variant == "regressor"
         or variant.endswith(NO_CORRECTOR)
     ):
         return []
     if variant == "published":
-        return [f"{R}/models/published/corrector.pt"] if PRE["corrector"] else []
+        return [f"{R}/models/published/corrector.pt"] if S.pretrained.corrector else []
     return [f"{R}/train/corrector/best.pt"]
 
 
@@ -85,9 +86,11 @@ def report_analysis_inputs(wildcards):
 
 
 # Corrupt intermediates (truncated / overwritten Parquet files) are moved aside before the DAG is
-# built, so the jobs that made them run again instead of their outputs being used. Only in the
-# main process of a real run (WRITES, Snakefile): dry runs and cluster jobs touch no file.
-if WRITES and Path(R).exists():
+# built, so the jobs that made them run again instead of their outputs being used. In the main
+# process only, and not in a dry run (Snakemake's own flag, set before parsing): a dry run and a
+# cluster job's re-parse touch no file. (--lint, --summary and --dag do move them: the repair a
+# real run would make, and what they then report.)
+if MAIN_PROCESS and not workflow.output_settings.dryrun and Path(R).exists():
     from liflow_screen.io import verify as _verify
 
     for _f in _verify.quarantine(R):

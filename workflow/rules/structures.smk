@@ -10,6 +10,6 @@ checkpoint structures:
         mem_mb=4000,
     params:
         config=RUNCFG,
-        cfg=lambda w: section("structures") + section("md") + str(CFG["seed"]),
+        cfg=lambda w: section("structures") + section("md") + str(S.seed),
     shell:
         "python -m liflow_screen structures --config {params.config} --out {output.manifest} 2> {log}"

@@ -24,7 +24,7 @@ rule train_selector:
         "--report {output.report} 2> {log}"
 
 
-FINETUNE = CFG["train"]["init_from"] == "published"
+FINETUNE = S.train.init_from == "published"
 
 
 rule import_model:

@@ -6,7 +6,7 @@ import csv as _csv
 
 def trajectory_files(wildcards):
     """The trajectory files the CSV lists (declared, so a changed file re-runs the chain)."""
-    table = Path(CFG["structures"]["path"])
+    table = Path(S.structures.path)
     if not table.is_file():
         return []
     with open(table, newline="") as fh:
@@ -17,7 +17,7 @@ def trajectory_files(wildcards):
 
 checkpoint structures:
     input:
-        table=CFG["structures"]["path"],
+        table=S.structures.path,
         files=trajectory_files,
     output:
         manifest=f"{R}/structures/manifest.parquet",

@@ -208,7 +208,7 @@ def excess_msd(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequenc
 def hop_length(positions: np.ndarray, cell: np.ndarray, numbers: np.ndarray, z: int, cutoff: float = 8.0) -> float:
     """Shortest distance (Å) between two atoms (or periodic images) of element ``z`` in a structure:
     the shortest site-to-site jump available to it (``cutoff`` if none is closer)."""
-    from .core.geometry import shortest_distance
+    from ..core.geometry import shortest_distance
 
     mask = np.asarray(numbers) == int(z)
     if not mask.any():

@@ -38,7 +38,7 @@ def rdf(
     are used. Periodic pair distances come from :func:`geometry.neighbor_pairs` (vesin, NumPy),
     exact for unwrapped positions and any cutoff. Returns bin centres r and g(r).
     """
-    from .core.geometry import neighbor_pairs
+    from ..core.geometry import neighbor_pairs
 
     x = np.asarray(pos, dtype=np.float64)
     if x.ndim == 2:

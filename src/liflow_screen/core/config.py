@@ -130,9 +130,3 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def rollout_temperatures(cfg: dict[str, Any]) -> list[float]:
-    """Rollout temperatures, K (defaults to the MD temperatures)."""
-    temps = cfg["rollout"]["temperatures"]
-    return [float(t) for t in (temps if temps is not None else cfg["md"]["temperatures"])]

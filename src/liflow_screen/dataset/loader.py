@@ -136,12 +136,6 @@ class ParquetPairSource:
         return pairs
 
 
-def delta_frames(cfg: dict[str, Any]) -> int:
-    """Δτ in saved-frame intervals (the config schema checks it is whole)."""
-    md = cfg["md"]
-    return int(round(cfg["dataset"]["delta_tau_ps"] / (md["timestep_fs"] * md["save_every"] / 1000.0)))
-
-
 def bytes_per_atom_frame(dataset_dir: str | Path) -> float:
     """On-disk bytes of the frame files per stored atom-frame (raw float32 xyz is 12 bytes)."""
     files = layout.dataset_frame_files(dataset_dir)

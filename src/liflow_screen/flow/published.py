@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..core.errors import InputError, LiflowError
+from ..core.settings import Settings
 from ..io.files import atomic_path, provenance, sha256_of
 from .painn import N_Z, FlowModel
 
@@ -194,16 +195,16 @@ def read_lightning_checkpoint(path: str | os.PathLike[str]
         raise InputError(f"refusing to load {p}: not a plain weights checkpoint ({detail[:200]})") from exc
     if not isinstance(ck, dict) or "state_dict" not in ck or "hyper_parameters" not in ck:
         raise InputError(f"{p} is not a LiFlow Lightning checkpoint (no state_dict / hyper_parameters)")
-    cfg = _plain(ck["hyper_parameters"])
-    cfg = cfg.get("cfg", cfg) if isinstance(cfg, dict) else None
-    if not isinstance(cfg, dict) or "model" not in cfg:
+    hp = _plain(ck["hyper_parameters"])
+    hp = hp.get("cfg", hp) if isinstance(hp, dict) else None  # the Lightning module saved its config as "cfg"
+    if not isinstance(hp, dict) or "model" not in hp:
         raise InputError(f"{p}: hyper_parameters carry no model config")
     state = {k.removeprefix("model."): v for k, v in ck["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise InputError(f"{p}: state_dict has no model.* parameters")
     info = {k: ck.get(k) for k in ("global_step", "epoch", "pytorch-lightning_version")}
     info["trained_rows"] = _trained_embedding_rows(ck, state.get("atom_embedding.weight"))
-    return state, cfg, info
+    return state, hp, info
 
 
 def _trained_embedding_rows(ck: dict[str, Any], embedding: torch.Tensor | None) -> list[int] | None:
@@ -266,16 +267,16 @@ def element_rows_from_file(path: str | os.PathLike[str], n_elements: int) -> np.
 PUBLISHED_N_ELEMENTS = 77
 
 
-def screening_elements(cfg: dict[str, Any]) -> frozenset[int] | None:
+def screening_elements(settings: Settings) -> frozenset[int] | None:
     """Atomic numbers a published-models-only screening can roll out (the built-in table, or
     ``pretrained.element_index``); None when something else also uses every structure (trained
     variants), so every structure needs its relaxation. The rollout stage still checks each
     checkpoint's own trained rows; this is the upper bound the md stage uses to skip relaxations
     nothing would use."""
-    pre, tr = cfg["pretrained"], cfg["train"]
-    if not pre["propagator"] or tr["variants"]:
+    pre = settings.pretrained
+    if not pre.propagator or settings.train.variants:
         return None
-    rows = (element_rows_from_file(pre["element_index"], PUBLISHED_N_ELEMENTS) if pre["element_index"]
+    rows = (element_rows_from_file(pre.element_index, PUBLISHED_N_ELEMENTS) if pre.element_index
             else builtin_element_rows())
     return frozenset(int(z) for z in np.flatnonzero(rows >= 0))
 
@@ -296,10 +297,10 @@ def _check_buffers(state: dict[str, torch.Tensor], hp: dict[str, Any], src: Path
             raise InputError(f"{src}: {key} does not match a Bessel basis of {radial} functions with cutoff {rc} Å")
 
 
-def flow_model_from_reference(state: dict[str, torch.Tensor], cfg: dict[str, Any], src: Path,
+def flow_model_from_reference(state: dict[str, torch.Tensor], hp: dict[str, Any], src: Path,
                               element_rows: np.ndarray) -> FlowModel:
     """A FlowModel carrying the reference model's weights (conventions match; keys renamed)."""
-    m = cfg["model"]
+    m = hp["model"]
     if m.get("prediction_mode", "velocity") not in (None, "velocity"):
         raise InputError(f"{src}: prediction_mode {m['prediction_mode']!r} is not supported (velocity only)")
     hp = dict(features=int(m["num_features"]), radial=int(m["num_radial_basis"]), layers=int(m["num_layers"]),
@@ -323,15 +324,15 @@ def flow_model_from_reference(state: dict[str, torch.Tensor], cfg: dict[str, Any
     return model.eval()
 
 
-def _prior_from_config(kind: str, cfg: dict[str, Any], src: Path) -> dict[str, Any]:
+def _prior_from_config(kind: str, hp: dict[str, Any], src: Path) -> dict[str, Any]:
     """The prior settings of the project's checkpoint format from the reference config."""
     if kind == "corrector":
-        prior, noise = cfg.get("correct_prior", {}), cfg.get("correct_noise", {})
+        prior, noise = hp.get("correct_prior", {}), hp.get("correct_noise", {})
         if prior.get("class_name") != "MaxwellBoltzmannPrior":
             raise InputError(f"{src}: unsupported Corrector prior {prior.get('class_name')!r}")
         return {"kind": "uniform", "scale": float(prior["params"]["scale"]),
                 "sigma_max": float(noise.get("params", {}).get("scale", math.nan))}
-    prior = cfg.get("propagate_prior", {})
+    prior = hp.get("propagate_prior", {})
     name, params = prior.get("class_name"), prior.get("params", {})
     if name == "AdaptiveMaxwellBoltzmannPrior":
         scale = params["scale"]
@@ -365,8 +366,8 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
     if imported is not None:
         return _copy_imported(src, imported, digest, out, element_index, delta_tau_ps, config)
     known = _BY_SHA.get(digest)
-    state, cfg, info = read_lightning_checkpoint(src)
-    task = cfg.get("task")
+    state, hp, info = read_lightning_checkpoint(src)
+    task = hp.get("task")
     kind = {"propagate": "propagator", "correct": "corrector"}.get(task)
     if kind is None:
         raise InputError(f"{src}: task {task!r} is neither 'propagate' nor 'correct'")
@@ -378,7 +379,7 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
         delta_tau_ps = known.delta_tau_ps
     if not delta_tau_ps > 0:
         raise InputError(f"Δτ must be > 0 ps, got {delta_tau_ps}")
-    n_elem = int(cfg["model"]["num_elements"])
+    n_elem = int(hp["model"]["num_elements"])
     if element_index is not None:
         rows = element_rows_from_file(element_index, n_elem)
         table_source = f"{element_index} (sha256 {sha256_of(element_index)})"
@@ -391,8 +392,8 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
         keep = np.isin(rows, trained)
         untrained = [int(z) for z in np.flatnonzero((rows >= 0) & ~keep)]
         rows = np.where(keep, rows, -1)
-    model = flow_model_from_reference(state, cfg, src, rows)
-    prior = _prior_from_config(kind, cfg, src)
+    model = flow_model_from_reference(state, hp, src, rows)
+    prior = _prior_from_config(kind, hp, src)
     meta = {
         "kind": kind, "variant": "published", "prior": prior, "hparams": model.hparams,
         "delta_tau_ps": float(delta_tau_ps),
@@ -400,12 +401,12 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
             "file": str(src.resolve()), "name": known.name if known else src.stem, "sha256": digest,
             "repository": REPOSITORY, "commit": COMMIT if known else None, "license": LICENSE_NAME,
             "license_url": LICENSE_URL, "trained_on": known.trained_on if known else None,
-            "training_run": cfg.get("name"), "global_step": info["global_step"],
+            "training_run": hp.get("name"), "global_step": info["global_step"],
             "element_table": table_source,
             "elements_covered": [int(z) for z in np.flatnonzero(rows >= 0)],
             "elements_untrained": untrained,
             "trained_rows": trained,
-            "reference_config": {k: cfg.get(k) for k in ("model", "propagate_prior", "correct_prior",
+            "reference_config": {k: hp.get(k) for k in ("model", "propagate_prior", "correct_prior",
                                                           "correct_noise", "data", "optimizer", "seed")},
         },
     }

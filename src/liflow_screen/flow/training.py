@@ -27,6 +27,7 @@ Validation uses ``val_batches`` batches drawn once, with fixed flow times and no
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from ..core.errors import ConfigError, InputError
 from ..io.files import atomic_path, config_digest, load_torch_file, provenance, write_json_atomic
 from ..core.runtime import resolve_device
+from ..core.settings import Settings, TrainSettings
 from .graph import GraphBatch, make_batch
 from .painn import FlowModel
 from .priors import prior_sigma, sample_prior, select_scales
@@ -134,18 +136,16 @@ class FlowBatch:
         return FlowBatch(self.g.to(device), self.d0.to(device), self.d1.to(device), self.t.to(device))
 
 
-def _prior_settings(kind: str, variant: str, tcfg: dict[str, Any]) -> dict[str, Any]:
-    """The prior a model of (kind, variant) was trained with (stored in checkpoints for rollouts)."""
+def _prior_settings(kind: str, variant: str, tr: TrainSettings) -> dict[str, Any]:
+    """The prior a model of (kind, variant) was trained with (stored in checkpoints for rollouts; Å)."""
     if kind == "corrector":
-        return {"kind": "uniform", "scale": float(tcfg["corrector_prior_scale"]),
-                "sigma_max": float(tcfg["corrector_sigma_max"])}
+        return {"kind": "uniform", "scale": tr.corrector_prior_scale, "sigma_max": tr.corrector_sigma_max}
     if variant == "adaptive":
-        return {"kind": "adaptive", "prior_li": [float(x) for x in tcfg["prior_li"]],
-                "prior_frame": [float(x) for x in tcfg["prior_frame"]]}
+        return {"kind": "adaptive", "prior_li": list(tr.prior_li), "prior_frame": list(tr.prior_frame)}
     if variant == "uniform":
-        return {"kind": "uniform", "scale": float(tcfg["uniform_scale"])}
+        return {"kind": "uniform", "scale": tr.uniform_scale}
     if variant == "isotropic":
-        return {"kind": "isotropic", "scale": float(tcfg["isotropic_scale"])}
+        return {"kind": "isotropic", "scale": tr.isotropic_scale}
     return {"kind": "none"}  # regressor
 
 
@@ -212,9 +212,9 @@ def _seeds(seed: int, kind: str) -> tuple[int, int, int]:
     return int(a), int(b), int(c)
 
 
-def _model_from_cfg(tcfg: dict[str, Any], seed: int) -> FlowModel:
-    return FlowModel(features=int(tcfg["features"]), radial=int(tcfg["radial"]), layers=int(tcfg["layers"]),
-                     cutoff=float(tcfg["cutoff"]), offset=float(tcfg["offset"]), seed=int(seed))
+def _model_from_settings(tr: TrainSettings, seed: int) -> FlowModel:
+    return FlowModel(features=tr.features, radial=tr.radial, layers=tr.layers, cutoff=tr.cutoff,
+                     offset=tr.offset, seed=seed)
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:
@@ -245,7 +245,7 @@ def _validate(model: FlowModel, val: list[FlowBatch], regressor: bool) -> float:
 def train_flow(
     kind: str,
     variant: str,
-    cfg: dict[str, Any],
+    settings: Settings,
     train_src: PairSource,
     val_src: PairSource,
     out_dir: Path,
@@ -259,7 +259,7 @@ def train_flow(
     architecture, element table, weights and prior settings are kept (the ``train`` section's model
     sizes and prior scales are then not used); the training itself is unchanged.
 
-    cfg: a validated full config (``config.validate``); uses ``cfg["train"]`` and ``cfg["seed"]``.
+    settings: the run's settings; uses ``train``, ``seed`` and ``dataset.delta_tau_ps``.
     max_steps: overrides ``train.max_steps`` (total optimizer steps, counted across resumes).
     Writes ``best.pt`` (lowest validation loss), ``last.pt`` (full training state, saved at every
     validation and at the end) and ``history.json``, all atomically and with provenance.
@@ -271,20 +271,15 @@ def train_flow(
     allowed = PROPAGATOR_VARIANTS if kind == "propagator" else CORRECTOR_VARIANTS
     if variant not in allowed:
         raise ConfigError(f"unknown {kind} variant {variant!r} (expected one of {', '.join(allowed)})")
-    try:
-        tcfg = cfg["train"]
-        seed = int(cfg.get("seed", 0))
-        batch_size = int(tcfg["batch_size"])
-        total = int(max_steps if max_steps is not None else tcfg["max_steps"])
-        val_every, n_val, patience = int(tcfg["val_every"]), int(tcfg["val_batches"]), int(tcfg["patience"])
-        lr, clip = float(tcfg["lr"]), float(tcfg["grad_clip"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"config section train is incomplete or ill-typed ({exc}); "
-                          "pass a config from liflow_screen.core.config.validate") from exc
+    tr, seed = settings.train, settings.seed
+    batch_size = tr.batch_size
+    total = int(max_steps if max_steps is not None else tr.max_steps)
+    val_every, n_val, patience = tr.val_every, tr.val_batches, tr.patience
+    lr, clip = tr.lr, tr.grad_clip
     if total < 1:
         raise ConfigError("max_steps must be >= 1")
     regressor = variant == "regressor"
-    prior = _prior_settings(kind, variant, tcfg)
+    prior = _prior_settings(kind, variant, tr)
     init = None
     if init_from is not None:
         init = _load_ckpt(Path(init_from))
@@ -294,14 +289,15 @@ def train_flow(
             raise InputError(f"{kind}/{variant}: the {init['prior']['kind']} prior of {init_from} does not fit "
                              f"the {prior['kind']} variant")
         prior = copy.deepcopy(init["prior"])
-        dtau = float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan")))
+        dtau = settings.dataset.delta_tau_ps
         if not math.isclose(float(init.get("delta_tau_ps") or float("nan")), dtau, rel_tol=1e-6):
             raise InputError(f"{init_from} was trained with Δτ = {init.get('delta_tau_ps')} ps, the dataset's "
                              f"pairs are {dtau} ps apart (dataset.delta_tau_ps)")
-    device = torch.device(resolve_device(str(tcfg.get("device", "auto")), key="train.device"))
+    device = torch.device(resolve_device(tr.device, key="train.device"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_digest({"train": {k: v for k, v in tcfg.items() if k not in RESUMABLE_KEYS}, "seed": seed,
+    digest = config_digest({"train": {k: v for k, v in dataclasses.asdict(tr).items() if k not in RESUMABLE_KEYS},
+                            "seed": seed,
                             "init_from": None if init_from is None else str(init_from)})
 
     s_batch, s_noise, s_val = _seeds(seed, kind)
@@ -315,7 +311,7 @@ def train_flow(
         model.load_state_dict(init["model"])
         model = model.to(device)
     else:
-        model = _model_from_cfg(tcfg, seed).to(device)
+        model = _model_from_settings(tr, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(s_batch)
     gen = torch.Generator().manual_seed(s_noise)
@@ -344,7 +340,7 @@ def train_flow(
         best_state, best_val_loss = ck.get("best_model"), float(st.get("best", float("nan")))
 
     meta = {"kind": kind, "variant": variant, "prior": prior, "hparams": model.hparams,
-            "delta_tau_ps": float(cfg.get("dataset", {}).get("delta_tau_ps", float("nan"))),
+            "delta_tau_ps": settings.dataset.delta_tau_ps,
             "fine_tuned_from": None if init is None else {
                 "file": str(init_from), "imported_from": init.get("imported_from"), "step": init.get("step")}}
 
@@ -356,17 +352,17 @@ def train_flow(
             "torch_rng": gen.get_state(),
             "state": {"step": step, "best": best, "best_step": best_step, "since": since, "stopped": stopped,
                       "np_rng": json.dumps(rng.bit_generator.state), "history": history, "wall_s": wall},
-            "provenance": provenance(cfg),
+            "provenance": provenance(settings),
         }, last_path)
 
     def write_best() -> None:
         _save({"format": CKPT_FORMAT, **meta, "model": best_state, "step": best_step,
-               "val_loss": best_val_loss, "provenance": provenance(cfg)}, best_path)
+               "val_loss": best_val_loss, "provenance": provenance(settings)}, best_path)
 
     def write_history(wall: float) -> None:
         write_json_atomic(out_dir / "history.json", {
             **meta, "history": history, "best_val": best, "best_step": best_step, "steps": step,
-            "stopped_early": stopped, "wall_s": wall, "provenance": provenance(cfg)})
+            "stopped_early": stopped, "wall_s": wall, "provenance": provenance(settings)})
 
     t_start = time.perf_counter()
     steps_start = step

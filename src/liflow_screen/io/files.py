@@ -80,7 +80,12 @@ def config_digest(config: Any) -> str:
 
 
 def provenance(config: Any, **extra: Any) -> dict[str, Any]:
-    """The record stored with every output: config, its digest, versions, UTC time, extras."""
+    """The record stored with every output: config, its digest, versions, UTC time, extras.
+
+    ``config``: the run's :class:`~liflow_screen.core.settings.Settings` (its validated config is
+    recorded) or a JSON-serialisable mapping.
+    """
+    config = getattr(config, "config", config)
     rec = {
         "config": config,
         "config_digest": config_digest(config),

@@ -27,46 +27,24 @@ from ase.calculators.calculator import Calculator
 
 from ..core import seeds
 from ..core.errors import LiflowError
+from ..core.settings import MDSettings
 from ..io.files import atomic_path, config_digest
 
 FrameCallback = Callable[[str, float, int], None]
 
 
-@dataclass(frozen=True)
-class MDSettings:
-    """MD parameters of one run (from the ``md`` config section and the master ``seed``)."""
+#: Nosé–Hoover chain length.
+TCHAIN = 3
 
-    timestep_fs: float = 2.0
-    duration_ps: float = 2.0
-    save_every: int = 10
-    ttime_fs: float = 100.0
-    checkpoint_every: int = 50
-    max_step_displacement: float = 3.0
-    max_temperature_factor: float = 5.0
-    seed: int = 0
-    tchain: int = 3
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> MDSettings:
-        md = cfg["md"]
-        return cls(timestep_fs=float(md["timestep_fs"]), duration_ps=float(md["duration_ps"]),
-                   save_every=int(md["save_every"]), ttime_fs=float(md["ttime_fs"]),
-                   checkpoint_every=int(md["checkpoint_every"]),
-                   max_step_displacement=float(md["max_step_displacement"]),
-                   max_temperature_factor=float(md["max_temperature_factor"]), seed=int(cfg.get("seed", 0)))
-
-    @property
-    def frame_dt_ps(self) -> float:
-        """Time between saved frames, ps."""
-        return self.save_every * self.timestep_fs / 1000.0
-
-    @property
-    def n_frames(self) -> int:
-        """Saved frames including frame 0: floor(duration / frame interval) + 1."""
-        return int(math.floor(self.duration_ps / self.frame_dt_ps + 1e-9)) + 1
-
-    def digest(self) -> str:
-        return config_digest(self.__dict__)
+def md_digest(settings: MDSettings, seed: int) -> str:
+    """Digest of what a trajectory's frames depend on besides the structure, T and potential
+    (checkpoints from other settings are not resumed)."""
+    return config_digest({"timestep_fs": settings.timestep_fs, "duration_ps": settings.duration_ps,
+                          "save_every": settings.save_every, "ttime_fs": settings.ttime_fs,
+                          "checkpoint_every": settings.checkpoint_every,
+                          "max_step_displacement": settings.max_step_displacement,
+                          "max_temperature_factor": settings.max_temperature_factor, "seed": seed, "tchain": TCHAIN})
 
 
 def velocity_rng(seed: int, sid: str, temperature: float) -> np.random.Generator:
@@ -114,9 +92,10 @@ def load_pickle(path: Path | None) -> Any:
         return None
 
 
-def _fingerprint(sid: str, atoms: Atoms, temperature: float, settings: MDSettings, potential_name: str) -> str:
+def _fingerprint(sid: str, atoms: Atoms, temperature: float, settings: MDSettings, seed: int,
+                 potential_name: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([str(sid), float(temperature), settings.digest(), potential_name]).encode())
+    h.update(json.dumps([str(sid), float(temperature), md_digest(settings, seed), potential_name]).encode())
     h.update(np.ascontiguousarray(atoms.get_atomic_numbers(), dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(atoms.get_positions(), dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).tobytes())
@@ -140,7 +119,7 @@ def _failure_kind(atoms: Atoms) -> str:
 
 def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSettings, calculator: Calculator,
                    ckpt_path: Path | None = None, potential_name: str = "",
-                   frame_callback: FrameCallback | None = None) -> TrajectoryResult:
+                   frame_callback: FrameCallback | None = None, *, seed: int) -> TrajectoryResult:
     """NVT Nosé–Hoover chain MD (ASE ``NoseHooverChainNVT``) of one structure at ``temperature`` K.
 
     Maxwell–Boltzmann initial velocities from :func:`velocity_rng`, zero CoM momentum, time step
@@ -154,7 +133,7 @@ def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSetti
     from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
     t0 = time.perf_counter()
-    fp = _fingerprint(sid, atoms, temperature, settings, potential_name)
+    fp = _fingerprint(sid, atoms, temperature, settings, seed, potential_name)
     state = load_pickle(ckpt_path)
     if state is not None and state.get("fingerprint") != fp:
         state = None
@@ -165,7 +144,7 @@ def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSetti
 
     work = atoms.copy()
     work.calc = calculator
-    rng = velocity_rng(settings.seed, sid, temperature)
+    rng = velocity_rng(seed, sid, temperature)
     pos_frames: list[np.ndarray] = []
     e_frames: list[float] = []
     t_frames: list[float] = []
@@ -206,7 +185,7 @@ def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSetti
         return res
 
     dyn = NoseHooverChainNVT(work, timestep=settings.timestep_fs * units.fs, temperature_K=temperature,
-                             tdamp=settings.ttime_fs * units.fs, tchain=settings.tchain)
+                             tdamp=settings.ttime_fs * units.fs, tchain=TCHAIN)
     th = getattr(dyn, "_thermostat", None)
     if th is None or not hasattr(th, "_eta") or not hasattr(th, "_p_eta") or not hasattr(dyn, "_q"):
         raise LiflowError("this ASE version's NoseHooverChainNVT has no (_q, _p, _thermostat._eta/_p_eta) "

@@ -15,7 +15,8 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from .potentials import EnergyForcesCalculator, Potential
-from .integrate import FrameCallback, MDSettings, TrajectoryResult, run_trajectory, safe_name
+from ..core.settings import MDSettings
+from .integrate import FrameCallback, TrajectoryResult, run_trajectory, safe_name
 
 
 class _LockstepEvaluator:
@@ -94,11 +95,12 @@ class MDJob:
     temperature: float
 
 
-def run_trajectories(jobs: list[MDJob], potential: Potential, settings: MDSettings, batch_size: int = 1,
+def run_trajectories(jobs: list[MDJob], potential: Potential, settings: MDSettings, seed: int, batch_size: int = 1,
                      ckpt_dir: Path | None = None, frame_callback: FrameCallback | None = None) -> list[TrajectoryResult]:
     """Run MD jobs one by one (``batch_size == 1``) or in lock-step groups of ``batch_size``.
 
     In a group every MD step costs one ``potential.energies_forces`` call for all live members.
+    ``seed``: the run's master seed (initial velocities).
     """
 
     def ckpt(job: MDJob) -> Path | None:
@@ -111,7 +113,7 @@ def run_trajectories(jobs: list[MDJob], potential: Potential, settings: MDSettin
         calc = EnergyForcesCalculator(potential)
         for job in jobs:
             results.append(run_trajectory(job.sid, job.atoms, job.temperature, settings, calc, ckpt(job),
-                                          potential.name, frame_callback))
+                                          potential.name, frame_callback, seed=seed))
         return results
 
     for start in range(0, len(jobs), batch_size):
@@ -122,7 +124,8 @@ def run_trajectories(jobs: list[MDJob], potential: Potential, settings: MDSettin
         def worker(i: int, job: MDJob) -> None:
             try:
                 out[i] = run_trajectory(job.sid, job.atoms, job.temperature, settings,
-                                        _LockstepCalculator(evaluator, i), ckpt(job), potential.name, frame_callback)
+                                        _LockstepCalculator(evaluator, i), ckpt(job), potential.name, frame_callback,
+                                        seed=seed)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 out[i] = exc
             finally:

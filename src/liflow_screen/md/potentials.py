@@ -27,6 +27,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from ..core.errors import ConfigError, InputError, LiflowError
 from ..core.runtime import resolve_device
+from ..core.settings import MDSettings
 
 # mace-torch pins e3nn 0.4.4, whose import calls torch.load on a pickle that torch >= 2.6 refuses
 # under weights_only=True. mace itself sets this variable on import; set it before any e3nn import.
@@ -222,17 +223,16 @@ def _mace_potential(name: str, path: Path, device: str, dtype: str) -> MacePoten
     return MacePotential(name=name, device=device, dtype=dtype, model=calc.models[0], calculator=calc)
 
 
-def load_potential(md_cfg: dict[str, Any], device: str = "auto", allow_download: bool = True) -> Potential:
-    """Load the potential named by ``md_cfg["potential"]`` (the ``md`` section of the validated config).
+def load_potential(md: MDSettings, device: str = "auto", allow_download: bool = True) -> Potential:
+    """Load the potential named by ``md.potential`` (``md.model_path``, ``md.dtype``, ``md.device``).
 
-    ``device`` overrides ``md_cfg["device"]`` unless it is ``auto``. ``allow_download=False`` forbids
+    ``device`` overrides ``md.device`` unless it is ``auto``. ``allow_download=False`` forbids
     the network fallback of ``mace-mp-0-small``.
     """
-    kind = md_cfg.get("potential", "chgnet")
-    dtype = md_cfg.get("dtype", "float32")
+    kind, dtype = md.potential, md.dtype
     if dtype not in ("float32", "float64"):
         raise ConfigError(f"config key md.dtype: {dtype!r} is not float32 or float64")
-    dev = resolve_device(device if device != "auto" else md_cfg.get("device", "auto"), key="md.device")
+    dev = resolve_device(device if device != "auto" else md.device, key="md.device")
     if kind == "chgnet":
         from chgnet.model import CHGNet
         from chgnet.model.dynamics import CHGNetCalculator
@@ -243,12 +243,12 @@ def load_potential(md_cfg: dict[str, Any], device: str = "auto", allow_download:
         model.eval()
         return ChgnetPotential(name="chgnet", device=dev, dtype="float32", model=model, calculator=calc)
     if kind == "mace-mp-0-small":
-        path = resolve_mace_mp_small(md_cfg.get("model_path"), allow_download=allow_download)
+        path = resolve_mace_mp_small(md.model_path, allow_download=allow_download)
         return _mace_potential("mace-mp-0-small", path, dev, dtype)
     if kind == "mace-file":
-        if not md_cfg.get("model_path"):
+        if not md.model_path:
             raise ConfigError("config key md.model_path is required when md.potential is 'mace-file'")
-        return _mace_potential("mace-file", Path(md_cfg["model_path"]), dev, dtype)
+        return _mace_potential("mace-file", Path(md.model_path), dev, dtype)
     raise ConfigError(f"config key md.potential: unknown potential {kind!r} (allowed: {', '.join(POTENTIALS)})")
 
 

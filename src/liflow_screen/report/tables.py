@@ -6,13 +6,11 @@ Units: Å, Å², ps, K, cm²/s.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from ..core import config as config_mod
 from ..io import schema
 from ..core.errors import InputError, SchemaError
 
@@ -50,10 +48,6 @@ D_METHODS = {
     "insufficient_frames": "fewer than 4 frames",
     "skipped": "diffusion analysis not requested",
 }
-
-
-def full_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    return config_mod.validate(dict(cfg or {}))
 
 
 def load_structures(structures: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:

@@ -5,13 +5,13 @@ plateau, resolved-or-bound Li diffusivity (kinisi, cm²/s), sanity flags and the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import analysis as an
 from ..core.errors import InputError
+from ..core.settings import AnalysisSettings
 from .tables import CURVE_POINTS
 
 
@@ -20,7 +20,7 @@ def analyze_trajectory(
     times_ps: np.ndarray,
     numbers: np.ndarray,
     cell: np.ndarray,
-    analysis_cfg: Mapping[str, Any],
+    analysis: AnalysisSettings,
     diffusion: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -40,8 +40,8 @@ def analyze_trajectory(
     These three tests see positions relative to the framework (:func:`analysis.remove_framework_drift`):
     a framework that only drifts as a whole (its centre recoiling from diffusing Li) is intact.
 
-    ``analysis_cfg`` is the ``analysis`` config section (kinisi_n_dt, kinisi_samples, rdf_rmax,
-    rdf_bins, rdf_discard).
+    ``analysis``: the ``analysis`` settings (kinisi_n_dt, kinisi_samples, rdf_rmax Å, rdf_bins,
+    rdf_discard).
     """
     x = np.asarray(pos, dtype=np.float64)
     t = np.asarray(times_ps, dtype=np.float64)
@@ -91,16 +91,16 @@ def analyze_trajectory(
     elif diffusion and not row["li_resolved"]:
         row.update({"D_method": "bound:hop", "D_li_bound": res["bound"], "D_note": res["reason"]})
     elif diffusion:
-        kin = an.kinisi_diffusion(x, t, nums, c, species="Li", n_dt=int(analysis_cfg["kinisi_n_dt"]),
-                                  n_samples=int(analysis_cfg["kinisi_samples"]), seed=seed)
+        kin = an.kinisi_diffusion(x, t, nums, c, species="Li", n_dt=analysis.kinisi_n_dt,
+                                  n_samples=analysis.kinisi_samples, seed=seed)
         if kin["constrained"]:
             row.update({"D_li": kin["D"], "D_li_low": kin["D_low"], "D_li_high": kin["D_high"], "D_method": "kinisi"})
         elif math.isfinite(kin["D_high"]):
             row.update({"D_method": "bound:kinisi", "D_li_bound": kin["D_high"], "D_note": kin["note"]})
         else:
             row.update({"D_method": "failed", "D_note": kin["note"]})
-    _, g = an.rdf(x, nums, c, r_max=float(analysis_cfg["rdf_rmax"]), n_bins=int(analysis_cfg["rdf_bins"]),
-                  discard=float(analysis_cfg["rdf_discard"]))
+    _, g = an.rdf(x, nums, c, r_max=analysis.rdf_rmax, n_bins=analysis.rdf_bins,
+                  discard=analysis.rdf_discard)
     row["rdf"] = g.tolist()
-    row["rdf_r_max"] = float(analysis_cfg["rdf_rmax"])
+    row["rdf_r_max"] = analysis.rdf_rmax
     return row

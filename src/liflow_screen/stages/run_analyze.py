@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,8 @@ import pandas as pd
 from ..io import schema
 from ..core.errors import InputError
 from ..io.files import atomic_path, provenance
-from ..report.tables import ANALYSIS_COLUMNS, full_config, load_status, load_structures, status_lookup
+from ..core.settings import Settings
+from ..report.tables import ANALYSIS_COLUMNS, load_status, load_structures, status_lookup
 from ..report.trajectory import analyze_trajectory
 
 
@@ -22,7 +23,7 @@ def run(
     frame_files: Sequence[str | os.PathLike[str]],
     structures: pd.DataFrame | str | os.PathLike[str],
     out_path: str | os.PathLike[str],
-    cfg: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
     status: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     ids: Iterable[str] | None = None,
     sources: Iterable[str] | None = None,
@@ -36,12 +37,12 @@ def run(
     ``status`` the STATUS rows (``stable`` = status "ok"; a trajectory without a status row counts
     as ok). ``ids`` / ``sources`` / ``temperatures`` restrict the work (a chunk). The table (columns
     :data:`ANALYSIS_COLUMNS`) is written atomically to ``out_path`` with provenance and returned.
+    ``settings``: the run's (``analysis`` section and ``seed``); None = the schema defaults.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    full = full_config(cfg)
-    acfg = full["analysis"]
+    settings = settings if settings is not None else Settings.defaults()
     structs = load_structures(structures)
     stat = status_lookup(load_status(status))
     ds = schema.open_frames(frame_files)
@@ -68,15 +69,15 @@ def run(
         # chunk folders carry no split partition: the structures table is the authority
         split = k.split if isinstance(k.split, str) else str(s["split"])
         row = {"id": str(k.id), "temperature": int(k.temperature), "split": split, "source": str(k.source)}
-        row.update(analyze_trajectory(pos, times, numbers, cell, acfg, diffusion=diffusion,
-                                      seed=int(full["seed"])))
+        row.update(analyze_trajectory(pos, times, numbers, cell, settings.analysis, diffusion=diffusion,
+                                      seed=settings.seed))
         st, _reason = stat.get((row["id"], row["temperature"], row["source"]), ("ok", ""))
         row["status"] = st
         row["stable"] = st == "ok"
         rows.append(row)
     df = pd.DataFrame(rows, columns=list(ANALYSIS_COLUMNS))
     table = pa.Table.from_pandas(df, preserve_index=False)
-    prov = provenance(full, stage="analysis", n_trajectories=len(df), frame_files=[str(f) for f in frame_files])
+    prov = provenance(settings, stage="analysis", n_trajectories=len(df), frame_files=[str(f) for f in frame_files])
     table = table.replace_schema_metadata({b"liflow_kind": b"analysis",
                                            schema.META_KEY: json.dumps(prov, default=str).encode()})
     with atomic_path(out_path) as tmp:

@@ -17,7 +17,6 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +28,7 @@ from ..core.constants import LI_Z
 from ..dataset.loader import msd_labels
 from ..core.errors import InputError, SchemaError
 from ..io.files import provenance
+from ..core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _group_md_files(md_files: Sequence[str | Path], temps: Sequence[float]) -> l
     return [groups[d] for d in sorted(groups)]
 
 
-def run(cfg: dict[str, Any], manifest_path: str | Path, md_files: Sequence[str | Path],
+def run(settings: Settings, manifest_path: str | Path, md_files: Sequence[str | Path],
           out_dir: str | Path) -> dict[str, int]:
     """Assemble the dataset from exactly the MD chunk files given (``md_files``).
 
@@ -59,10 +59,10 @@ def run(cfg: dict[str, Any], manifest_path: str | Path, md_files: Sequence[str |
     """
     manifest = schema.read_df(manifest_path, "manifest", columns=["id", "split", "chunk", "run_md"])
     split_of = dict(zip(manifest["id"], manifest["split"]))
-    temps = [float(t) for t in cfg["md"]["temperatures"]]
-    threshold = float(cfg["dataset"]["slow_threshold"])
-    zstd = int(cfg["dataset"]["zstd_level"])
-    prov = provenance(cfg, stage="dataset")
+    temps = list(settings.md.temperatures)
+    threshold = settings.dataset.slow_threshold
+    zstd = settings.dataset.zstd_level
+    prov = provenance(settings, stage="dataset")
     chunks = _group_md_files(md_files, temps)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

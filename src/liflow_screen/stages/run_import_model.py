@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import LiflowError
+from ..core.settings import Settings
 from ..flow import published
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: dict[str, Any], out: Path, *, kind: str | None = None, name: str | None = None,
+def run(settings: Settings, out: Path, *, kind: str | None = None, name: str | None = None,
         checkpoint: Path | None = None, element_index: Path | None = None,
         delta_tau_ps: float | None = None) -> dict[str, Any]:
     """Write the imported checkpoint atomically to ``out``; return its metadata.
@@ -26,19 +27,19 @@ def run(cfg: dict[str, Any], out: Path, *, kind: str | None = None, name: str | 
     kind: ``propagator`` | ``corrector``: import the config's ``pretrained.<kind>`` (and check the
     file is one); delta_tau_ps: Δτ of the model, ps (known for the published files).
     """
-    pc = cfg["pretrained"]
+    pc = settings.pretrained
     explicit = checkpoint
     if kind is not None:
-        name = name or pc[kind]
-        explicit = explicit or pc[f"{kind}_path"]
+        name = name or getattr(pc, kind)
+        explicit = explicit or getattr(pc, f"{kind}_path")
         if name is None and explicit is None:
             raise LiflowError(f"config key pretrained.{kind} is not set: nothing to import")
     if name is None and explicit is None:
         raise LiflowError("give --kind, --name or --checkpoint")
     src = explicit if name is None else published.resolve_published(
-        name, explicit, download=bool(pc["download"]), base_url=pc["base_url"])
-    meta = published.import_checkpoint(src, out, element_index=element_index or pc["element_index"],
-                                       delta_tau_ps=delta_tau_ps, config=cfg)
+        name, explicit, download=pc.download, base_url=pc.base_url)
+    meta = published.import_checkpoint(src, out, element_index=element_index or pc.element_index,
+                                       delta_tau_ps=delta_tau_ps, config=settings)
     if kind is not None and meta["kind"] != kind:
         Path(out).unlink(missing_ok=True)
         raise LiflowError(f"pretrained.{kind} resolves to a {meta['kind']} checkpoint ({src})")

@@ -29,7 +29,8 @@ from ..io import layout, schema
 from ..core.constants import LI_Z
 from ..core.errors import InputError
 from ..io.files import provenance
-from ..md.integrate import FrameCallback, MDSettings, load_pickle, safe_name, save_pickle
+from ..core.settings import Settings
+from ..md.integrate import FrameCallback, load_pickle, safe_name, save_pickle
 from ..md.lockstep import MDJob, run_trajectories
 from ..md.relax import build_supercell, relax
 from ..md.potentials import Potential, load_potential
@@ -51,12 +52,12 @@ def _structure_row(sid: str, split: str, row: pd.Series, atoms: Atoms, desc_li: 
             "desc_li": desc_li, "desc_frame": desc_frame, "energy": energy, "relax_status": relax_status}
 
 
-def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, out_dir: Path,
+def run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, out_dir: Path,
               potential: Potential | None = None, progress: bool = True,
               frame_callback: FrameCallback | None = None) -> dict[str, Path]:
     """Relax, describe and simulate every manifest row with ``chunk == chunk``; write the chunk's files.
 
-    ``cfg`` is the validated config; ``manifest`` the manifest table or its Parquet file.
+    ``settings``: the run's settings; ``manifest`` the manifest table or its Parquet file.
     Descriptors are computed for ALL rows; MD (every ``md.temperatures``) only for rows with
     ``run_md``. In a published-models-only screening, a row without MD holding an element outside
     the models' element table is not relaxed (nothing would roll it out): its row keeps the
@@ -65,8 +66,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
     """
     from tqdm.auto import tqdm
 
-    md = cfg["md"]
-    settings = MDSettings.from_config(cfg)
+    md = settings.md
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "ckpt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
     if chunk not in set(manifest["chunk"]):
         raise InputError(f"chunk {chunk} is not in the manifest (chunks 0..{int(manifest['chunk'].max())})")
     rows = manifest[manifest["chunk"] == chunk]
-    temps = [float(t) for t in md["temperatures"]]
+    temps = list(md.temperatures)
     if len({int(round(t)) for t in temps}) != len(temps):
         raise InputError(f"md.temperatures {temps} contain duplicates after rounding to whole K")
     if potential is None:
@@ -85,7 +85,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
 
     from ..flow.published import screening_elements
 
-    usable = screening_elements(cfg)
+    usable = screening_elements(settings)
     struct_rows: list[dict[str, Any]] = []
     status_rows: list[dict[str, Any]] = []
     split_of: dict[str, str] = {}
@@ -94,7 +94,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
     def status_row(sid: str, split: str, temp: float, status: str, reason: str, n_frames: int = 0,
                    wall_s: float = 0.0) -> dict[str, Any]:
         return schema.status_row(sid, temp, split, "md", status, reason, n_frames,
-                                 max(n_frames - 1, 0) * settings.frame_dt_ps, wall_s)
+                                 max(n_frames - 1, 0) * md.frame_dt_ps, wall_s)
 
     for _, row in tqdm(list(rows.iterrows()), desc=f"relax chunk {chunk}", disable=not progress):
         sid = str(row["id"])
@@ -116,12 +116,11 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
             continue
         rpath = ckpt_dir / f"relax_{safe_name(sid)}.pkl"
         rfp = hashlib.sha256(json.dumps([str(row["cif"]), [int(r) for r in _row_get(row, "supercell", (1, 1, 1))],
-                                         md["relax_fmax"], md["relax_steps"], md["relax_cell"], potential.name,
+                                         md.relax_fmax, md.relax_steps, md.relax_cell, potential.name,
                                          potential.dtype]).encode()).hexdigest()[:24]
         rec = load_pickle(rpath)
         if rec is None or rec.get("fingerprint") != rfp:
-            relaxed, rstatus = relax(atoms0, potential, float(md["relax_fmax"]), int(md["relax_steps"]),
-                                     bool(md["relax_cell"]))
+            relaxed, rstatus = relax(atoms0, potential, md.relax_fmax, md.relax_steps, md.relax_cell)
             energy = float(relaxed.get_potential_energy()) if relaxed.calc is not None else float("nan")
             try:
                 desc_li, desc_frame = potential.descriptors(relaxed)
@@ -143,7 +142,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
             continue
         jobs.extend(MDJob(sid, relaxed, t) for t in temps)
 
-    bar = tqdm(total=len(jobs) * (settings.n_frames - 1), desc=f"md chunk {chunk}", disable=not progress)
+    bar = tqdm(total=len(jobs) * (md.n_frames - 1), desc=f"md chunk {chunk}", disable=not progress)
     lock = threading.Lock()
 
     def on_frame(sid: str, temp: float, frame: int) -> None:
@@ -153,7 +152,7 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
         if frame_callback is not None:
             frame_callback(sid, temp, frame)
 
-    results = run_trajectories(jobs, potential, settings, int(md.get("batch_size", 1)), ckpt_dir, on_frame)
+    results = run_trajectories(jobs, potential, md, settings.seed, md.batch_size, ckpt_dir, on_frame)
     bar.close()
 
     frames_by_t: dict[int, list[dict[str, Any]]] = {int(round(t)): [] for t in temps}
@@ -165,12 +164,12 @@ def run(cfg: dict[str, Any], manifest: pd.DataFrame | str | Path, chunk: int, ou
             continue
         for f in range(res.n_frames):
             frames_by_t[tk].append({
-                "id": res.sid, "source": "md", "frame": f, "time_ps": np.float32(f * settings.frame_dt_ps),
+                "id": res.sid, "source": "md", "frame": f, "time_ps": np.float32(f * md.frame_dt_ps),
                 "positions": res.positions[f].reshape(-1), "energy": float(res.energies[f]),
                 "temperature_inst": np.float32(res.temperatures[f]),
             })
 
-    prov = provenance(cfg, stage="md", chunk=int(chunk), potential=potential.name)
+    prov = provenance(settings, stage="md", chunk=int(chunk), potential=potential.name)
     paths = {"structures": out_dir / layout.STRUCTURES, "status": out_dir / layout.STATUS}
     schema.write_rows(struct_rows, paths["structures"], "structures", prov=prov)
     for tk, frows in frames_by_t.items():

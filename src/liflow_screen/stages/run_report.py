@@ -8,19 +8,20 @@ each CSV, PNG text metadata).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ..core.settings import Settings
 from ..io import schema
 from ..io.files import atomic_path, provenance, sha256_of, write_json_atomic
 from ..report.metrics import compute_metrics, prior_agreement
 from ..report.plots import arrhenius_plots, literature_plot, parity_plots
 from ..report.ranking import compute_ranking, diffusivity_by_source, ranking_source
 from ..report.spearman import SPEARMAN_COLUMNS, spearman_vs_literature, spearman_vs_md
-from ..report.tables import full_config, load_priors, load_status, load_structures, read_analysis
+from ..report.tables import load_priors, load_status, load_structures, read_analysis
 
 
 def _write_csv(df: pd.DataFrame, path: Path, prov: dict[str, Any]) -> None:
@@ -51,7 +52,7 @@ def run(
     status_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     priors_table: pd.DataFrame | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     out_dir: str | os.PathLike[str],
-    cfg: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
     variant: str | None = None,
     metric_splits: Sequence[str] = ("test",),
     labels_table: pd.DataFrame | str | os.PathLike[str] | None = None,
@@ -68,35 +69,36 @@ def run(
     flow-model checkpoints the rollouts used; their SHA-256 go into every provenance record.
 
     Inputs are DataFrames or paths (analysis Parquet files, the STRUCTURES Parquet, STATUS and
-    PRIORS Parquet files, the dataset's LABELS). ``cfg`` is the run config (``analysis.top_n`` and
-    ``analysis.target_temperature`` are used). Everything is computed before the first file is
+    PRIORS Parquet files, the dataset's LABELS). ``settings``: the run's (``analysis.top_n``,
+    ``analysis.target_temperature``, ``analysis.metric_tau_ps``, ``dataset.delta_tau_ps``, ``seed``);
+    None = the schema defaults. Everything is computed before the first file is
     written; each file is atomic. Returns the written paths.
     """
-    full = full_config(cfg)
-    acfg = full["analysis"]
+    settings = settings if settings is not None else Settings.defaults()
+    acfg = settings.analysis
     df = read_analysis(analysis_table)
     structs = load_structures(structures_table)
     status = load_status(status_table)
     priors = load_priors(priors_table)
     labels = (labels_table if isinstance(labels_table, pd.DataFrame) or labels_table is None
               else schema.read_df(labels_table, "labels"))
-    target_T = float(acfg["target_temperature"])
-    metrics = compute_metrics(df, status, metric_splits, tau_ps=acfg["metric_tau_ps"],
-                              delta_tau_ps=float(full["dataset"]["delta_tau_ps"]))
+    target_T = acfg.target_temperature
+    metrics = compute_metrics(df, status, metric_splits, tau_ps=acfg.metric_tau_ps,
+                              delta_tau_ps=settings.dataset.delta_tau_ps)
     src = ranking_source(df, variant)
     ranking, fits = compute_ranking(df, structs, status, priors[priors["source"] == src] if len(priors) else None,
                                     target_T, variant)
     by_source = diffusivity_by_source(df, structs, status, target_T)
     agreement = prior_agreement(priors, labels if labels is not None else pd.DataFrame())
     literature = screened_literature(ranking)
-    parts = [spearman_vs_literature(ranking, literature, target_T=target_T, seed=int(full["seed"]))
+    parts = [spearman_vs_literature(ranking, literature, target_T=target_T, seed=settings.seed)
              if len(literature) and len(ranking) else pd.DataFrame(columns=SPEARMAN_COLUMNS),
-             spearman_vs_md(df, status, metric_splits, tau_ps=acfg["metric_tau_ps"],
-                            delta_tau_ps=float(full["dataset"]["delta_tau_ps"]), seed=int(full["seed"]))]
+             spearman_vs_md(df, status, metric_splits, tau_ps=acfg.metric_tau_ps,
+                            delta_tau_ps=settings.dataset.delta_tau_ps, seed=settings.seed)]
     parts = [p for p in parts if len(p)]
     spearman = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SPEARMAN_COLUMNS)
     out = Path(out_dir)
-    prov = provenance(full, stage="report", n_trajectories=int(len(df)), n_structures=int(len(ranking)),
+    prov = provenance(settings, stage="report", n_trajectories=int(len(df)), n_structures=int(len(ranking)),
                       metric_splits=list(metric_splits), target_temperature_K=target_T,
                       prediction_source=str(ranking["source"].iloc[0]) if len(ranking) else None,
                       models=model_records(models),
@@ -110,7 +112,7 @@ def run(
     for sub in ("parity", "arrhenius"):  # declared outputs, even when there is nothing to plot
         (out / sub).mkdir(parents=True, exist_ok=True)
     parity = parity_plots(df, metrics, out, prov, metric_splits)
-    arr = arrhenius_plots(ranking, fits, df, out, prov, int(acfg["top_n"]), target_T) if len(ranking) else []
+    arr = arrhenius_plots(ranking, fits, df, out, prov, acfg.top_n, target_T) if len(ranking) else []
     lit_png = literature_plot(ranking, literature, spearman, out / "spearman_literature.png", prov, target_T)
     return {"metrics": out / "metrics.csv", "ranking": out / "ranking.csv", "prior_classes": out / "prior_classes.csv",
             "diffusivity": out / "diffusivity.csv", "spearman": out / "spearman.csv",

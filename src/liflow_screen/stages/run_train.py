@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -12,15 +13,16 @@ from typing import Any
 import numpy as np
 
 from ..io import layout, schema
-from ..dataset.loader import ParquetPairSource, delta_frames, load_trajectories
+from ..dataset.loader import ParquetPairSource, load_trajectories
 from ..core.errors import InputError, SchemaError
+from ..core.settings import Settings
 from ..io.files import provenance, write_json_atomic
 from ..flow.selection import GROUPS, selector_inputs, selector_predictions, slow_map
 
 log = logging.getLogger(__name__)
 
 
-def run_selector(cfg: dict[str, Any], dataset_dir: str | Path, out: str | Path, report: str | Path) -> dict[str, Any]:
+def run_selector(settings: Settings, dataset_dir: str | Path, out: str | Path, report: str | Path) -> dict[str, Any]:
     """Fit the prior selector on the train split, early-stop on val, evaluate on test (Appendix D.1)."""
     from ..flow.classifier import PriorSelector
 
@@ -29,7 +31,7 @@ def run_selector(cfg: dict[str, Any], dataset_dir: str | Path, out: str | Path, 
     labels = schema.read_df(root / "labels.parquet", "labels")
     if labels.empty:
         raise SchemaError(f"{root}/labels.parquet has no trajectories: nothing to train the prior selector on")
-    tcfg = cfg["train"]
+    tr = settings.train
 
     def arrays(split: str):
         sub = labels[labels["split"] == split]
@@ -43,17 +45,16 @@ def run_selector(cfg: dict[str, Any], dataset_dir: str | Path, out: str | Path, 
     train, val, test = arrays("train"), arrays("val"), arrays("test")
     if train is None:
         raise SchemaError("no train-split trajectories in the dataset: cannot train the prior selector")
-    sel = PriorSelector.fit(train[0], train[1], train[2], hidden=tuple(tcfg["classifier_hidden"]),
-                            epochs=int(tcfg["classifier_epochs"]), lr=float(tcfg["classifier_lr"]),
-                            seed=int(cfg["seed"]), val=val)
-    rep: dict[str, Any] = {"training": sel.report, "threshold_A2_per_ps": cfg["dataset"]["slow_threshold"]}
+    sel = PriorSelector.fit(train[0], train[1], train[2], hidden=tr.classifier_hidden,
+                            epochs=tr.classifier_epochs, lr=tr.classifier_lr, seed=settings.seed, val=val)
+    rep: dict[str, Any] = {"training": sel.report, "threshold_A2_per_ps": settings.dataset.slow_threshold}
     for name, data in (("train", train), ("val", val), ("test", test)):
         if data is None:
             rep[name] = {"note": f"no {name}-split trajectories"}
             continue
         rep[name] = {g: sel.evaluate(g, data[0][g], data[1], data[2][g]) for g in GROUPS}
-    sel.save(out, config=cfg)
-    write_json_atomic(report, {**rep, "provenance": provenance(cfg, stage="train-selector")})
+    sel.save(out, config=settings)
+    write_json_atomic(report, {**rep, "provenance": provenance(settings, stage="train-selector")})
     for name in ("train", "test"):
         for g in GROUPS:
             r = rep[name].get(g) if isinstance(rep[name], dict) else None
@@ -62,7 +63,7 @@ def run_selector(cfg: dict[str, Any], dataset_dir: str | Path, out: str | Path, 
     return rep
 
 
-def run(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, out_dir: str | Path,
+def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, out_dir: str | Path,
                 selector: str | Path | None = None, max_steps: int | None = None,
                 init_from: str | Path | None = None) -> dict[str, Any]:
     """Train a Propagator (variant adaptive | uniform | isotropic | regressor) or the Corrector,
@@ -80,7 +81,7 @@ def run(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, o
     slow = None
     if kind == "propagator" and variant == "adaptive":
         keys = sorted({(t.id, t.temperature) for t in train + val})
-        if cfg["train"]["prior_classes"] == "labels":  # Appendix D.4: fixed per T from the training MSD
+        if settings.train.prior_classes == "labels":  # Appendix D.4: fixed per T from the training MSD
             labels = schema.read_df(root / layout.LABELS, "labels")
             slow = {(r.id, int(r.temperature)): (bool(r.slow_li), bool(r.slow_frame)) for r in labels.itertuples()}
             lost = [k for k in keys if (k[0], int(round(k[1]))) not in slow]
@@ -103,10 +104,10 @@ def run(cfg: dict[str, Any], dataset_dir: str | Path, kind: str, variant: str, o
             raise InputError(f"cannot fine-tune {init_from}: the training data holds {', '.join(missing)}, "
                              "outside its element table (give pretrained.element_index, or leave those "
                              "structures out of the MD)")
-    k = delta_frames(cfg)
-    _discard_stale_state(Path(out_dir), cfg, root, kind, variant, selector, init_from)
+    k = settings.delta_tau_frames
+    _discard_stale_state(Path(out_dir), settings, root, kind, variant, selector, init_from)
     corr_variant = "uniform" if kind == "corrector" else variant
-    summary = train_flow(kind, corr_variant, cfg, ParquetPairSource(train, k, slow), ParquetPairSource(val, k, slow),
+    summary = train_flow(kind, corr_variant, settings, ParquetPairSource(train, k, slow), ParquetPairSource(val, k, slow),
                          Path(out_dir), max_steps=max_steps, progress=True, init_from=init_from)
     log.info("%s/%s: %s", kind, variant, {k: summary[k] for k in ("steps", "best_val", "steps_per_s") if k in summary})
     return summary
@@ -124,7 +125,7 @@ def dataset_fingerprint(root: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, kind: str, variant: str,
+def _discard_stale_state(out_dir: Path, settings: Settings, dataset_dir: Path, kind: str, variant: str,
                          selector: str | Path | None, init_from: str | Path | None = None) -> None:
     """Remove a previous run's training state unless it was made from the same data and config.
 
@@ -135,11 +136,11 @@ def _discard_stale_state(out_dir: Path, cfg: dict[str, Any], dataset_dir: Path, 
     from ..flow.training import RESUMABLE_KEYS
 
     use_sel = bool(selector and kind == "propagator" and variant == "adaptive"
-                   and cfg["train"]["prior_classes"] == "selector")
+                   and settings.train.prior_classes == "selector")
     stamp = config_digest({
         "data": dataset_fingerprint(dataset_dir), "selector": sha256_of(selector)[:16] if use_sel else None,
-        "train": {k: v for k, v in cfg["train"].items() if k not in RESUMABLE_KEYS},
-        "dataset": cfg["dataset"], "seed": cfg["seed"], "kind": kind, "variant": variant,
+        "train": {k: v for k, v in dataclasses.asdict(settings.train).items() if k not in RESUMABLE_KEYS},
+        "dataset": dataclasses.asdict(settings.dataset), "seed": settings.seed, "kind": kind, "variant": variant,
         "init": sha256_of(init_from)[:16] if init_from else None,
     })
     marker = out_dir / "inputs.digest"

@@ -24,6 +24,7 @@ from ..core.constants import LI_Z
 from ..core.errors import InputError
 from ..core.geometry import perpendicular_widths
 from ..io.files import provenance
+from ..core.settings import Settings
 from ..dataset.trajectories import InputTrajectory, read
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _frame_dt_fs(row: Any, traj: InputTrajectory) -> float:
     return given if given is not None else float(traj.frame_dt_fs)
 
 
-def run(cfg: dict[str, Any], table: str | os.PathLike[str], manifest_out: str | os.PathLike[str],
+def run(settings: Settings, table: str | os.PathLike[str], manifest_out: str | os.PathLike[str],
         out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Read, check and unwrap every listed trajectory; write the manifest and the chunk's files.
 
@@ -80,13 +81,13 @@ def run(cfg: dict[str, Any], table: str | os.PathLike[str], manifest_out: str | 
     onto whole frames). Returns the written paths by name.
     """
     df = load_table(table)
-    md = cfg["md"]
-    cfg_temps = sorted({int(round(float(t))) for t in md["temperatures"]})
-    cfg_dt_fs = float(md["timestep_fs"]) * int(md["save_every"])
+    md = settings.md
+    cfg_temps = sorted({int(round(t)) for t in md.temperatures})
+    cfg_dt_fs = md.timestep_fs * md.save_every
     extra = sorted({int(round(t)) for t in df["temperature_K"]} - set(cfg_temps))
     if extra:
         raise InputError(f"trajectories at {extra} K are not in md.temperatures {cfg_temps}")
-    prov = provenance(cfg, stage="trajectories", table=str(table))
+    prov = provenance(settings, stage="trajectories", table=str(table))
     frames: dict[int, list[dict[str, Any]]] = {T: [] for T in cfg_temps}
     status, struct_rows, man_rows = [], [], []
     for sid, grp in df.sort_values(["id", "temperature_K"]).groupby("id", sort=True):

@@ -10,20 +10,20 @@ import pandas as pd
 
 from ..core.errors import InputError
 from ..core.geometry import perpendicular_widths, supercell_repeats
+from ..core.settings import Settings, StructuresSettings
 from .sources import Record, Rejection, cif_dir, manifest_file, materials_project
 
 log = logging.getLogger(__name__)
 
 
-def collect(cfg: dict[str, Any]) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
+def collect(s: StructuresSettings) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
     """Records from the configured source (panel | embedded | mp | cif_dir | manifest).
 
     ``panel``: the validation panel's compounds (``structures.panel_ids``, null = all 20), plus the
     user's own structures from ``structures.path`` when given (a folder of CIFs or a CSV manifest),
     screened beside them.
     """
-    s = cfg["structures"]
-    src = s["source"]
+    src = s.source
     extra: dict[str, Any] = {"source": src}
     if src == "panel":
         from pathlib import Path
@@ -31,10 +31,10 @@ def collect(cfg: dict[str, Any]) -> tuple[list[Record], list[Rejection], dict[st
         from .panel import panel_structures
 
         records = [Record(sid, st, note, extra={"role": cls})
-                   for sid, st, note, cls in panel_structures(s.get("panel_ids"))]
+                   for sid, st, note, cls in panel_structures(s.panel_ids)]
         rejected = []
-        if s["path"]:
-            own = Path(s["path"])
+        if s.path:
+            own = Path(s.path)
             mine, rejected = cif_dir(own) if own.is_dir() else manifest_file(own)
             records += mine
             extra["own_structures"] = {"path": str(own), "ids": [r.id for r in mine]}
@@ -45,16 +45,16 @@ def collect(cfg: dict[str, Any]) -> tuple[list[Record], list[Rejection], dict[st
         records = [Record(sid, st, note, extra={"role": role}) for sid, st, note, role in embedded_structures()]
         rejected: list[Rejection] = []
     elif src == "mp":
-        records, rejected, mp_prov = materials_project(s["mp"])
+        records, rejected, mp_prov = materials_project(s.mp)
         extra["materials_project"] = mp_prov
     elif src == "cif_dir":
-        records, rejected = cif_dir(s["path"])
+        records, rejected = cif_dir(s.path)
     elif src == "manifest":
-        records, rejected = manifest_file(s["path"])
+        records, rejected = manifest_file(s.path)
     else:  # pragma: no cover - the schema forbids it
         raise InputError(f"unknown structures.source {src!r}")
-    if s["ids"]:
-        wanted = set(s["ids"])
+    if s.ids:
+        wanted = set(s.ids)
         missing = wanted - {r.id for r in records}
         if missing:
             raise InputError(f"structures.ids not found in the source: {', '.join(sorted(missing))}")
@@ -86,17 +86,17 @@ def split_by_composition(formulas: list[str], test_fraction: float, val_fraction
     return out
 
 
-def build_manifest(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[Rejection], dict[str, Any]]:
+def build_manifest(settings: Settings) -> tuple[pd.DataFrame, list[Rejection], dict[str, Any]]:
     """The manifest table (schema.MANIFEST) for the configured source."""
-    s, md = cfg["structures"], cfg["md"]
-    records, rejected, extra = collect(cfg)
+    s, md = settings.structures, settings.md
+    records, rejected, extra = collect(s)
     rows = []
     for r in records:
         st = r.structure
-        reps = supercell_repeats(st.lattice.matrix, s["min_width"])
+        reps = supercell_repeats(st.lattice.matrix, s.min_width)
         n_super = len(st) * int(np.prod(reps))
-        if s["max_atoms"] and n_super > s["max_atoms"]:
-            rejected.append(Rejection(r.id, f"{r.id}: supercell {reps} has {n_super} atoms > structures.max_atoms={s['max_atoms']}"))
+        if s.max_atoms and n_super > s.max_atoms:
+            rejected.append(Rejection(r.id, f"{r.id}: supercell {reps} has {n_super} atoms > structures.max_atoms={s.max_atoms}"))
             continue
         widths = perpendicular_widths(st.lattice.matrix) * np.asarray(reps)
         rows.append({
@@ -115,24 +115,24 @@ def build_manifest(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[Rejection], 
         })
     if not rows:
         reasons = "; ".join(x.reason for x in rejected[:3])
-        raise InputError(f"no usable structures from source {s['source']!r}" + (f" ({reasons})" if reasons else ""))
+        raise InputError(f"no usable structures from source {s.source!r}" + (f" ({reasons})" if reasons else ""))
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise InputError(f"duplicate structure ids: {', '.join(dup)}")
     df = pd.DataFrame(rows)
-    split = split_by_composition(df["reduced_formula"].tolist(), s["test_fraction"], s["val_fraction"], cfg["seed"])
+    split = split_by_composition(df["reduced_formula"].tolist(), s.test_fraction, s.val_fraction, settings.seed)
     df["split"] = df["reduced_formula"].map(split)
     # Order: by split, then cheapest supercell first, so MD caps pick the smallest cells.
     order = {"train": 0, "val": 1, "test": 2}
     df = df.assign(_o=df["split"].map(order)).sort_values(["_o", "n_atoms_supercell", "id"]).drop(columns="_o")
     df = df.reset_index(drop=True)
-    run_md = df["split"].isin(md["splits"])
-    cap = md["max_structures"]
+    run_md = df["split"].isin(md.splits)
+    cap = md.max_structures
     if cap is not None:
         rank = df.groupby("split").cumcount()
         limit = df["split"].map(lambda s: cap.get(s, len(df)) if isinstance(cap, dict) else cap)
         run_md &= rank < limit
     df["run_md"] = run_md.to_numpy()
-    df["chunk"] = (np.arange(len(df)) // md["chunk_size"]).astype(np.int32)
+    df["chunk"] = (np.arange(len(df)) // md.chunk_size).astype(np.int32)
     return df, rejected, extra

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from pymatgen.core import Structure
 
 from ..core.errors import InputError, LiflowError
+from ..core.settings import MPSettings
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def with_retries(fn: Callable[[], T], retries: int, backoff_s: float, what: str)
     raise AssertionError("unreachable")
 
 
-def materials_project(mp_cfg: dict[str, Any], api_key: str | None = None) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
+def materials_project(mp: MPSettings, api_key: str | None = None) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
     """Query the Materials Project with the paper's criteria (Appendix C.1).
 
     Server-side: contains Li, band gap > ``band_gap_min`` eV, energy above hull < ``e_above_hull_max``
@@ -168,18 +169,18 @@ def materials_project(mp_cfg: dict[str, Any], api_key: str | None = None) -> tup
         raise LiflowError("MP_API_KEY is not set: export MP_API_KEY=<your Materials Project API key> (or use structures.source: panel, the offline validation panel)")
     from mp_api.client import MPRester
 
-    endpoint = mp_cfg.get("endpoint")
+    endpoint = mp.endpoint
     kwargs: dict[str, Any] = {"api_key": key, "use_document_model": False, "mute_progress_bars": True}
     if endpoint:
         kwargs["endpoint"] = endpoint if endpoint.endswith("/") else endpoint + "/"
-    retries, backoff = int(mp_cfg.get("retries", 5)), float(mp_cfg.get("backoff_s", 2.0))
+    retries, backoff = mp.retries, mp.backoff_s
 
     def query() -> tuple[list[dict[str, Any]], str | None]:
         with MPRester(**kwargs) as mpr:
             docs = mpr.materials.summary.search(
                 elements=["Li"],
-                band_gap=(float(mp_cfg["band_gap_min"]), None),
-                energy_above_hull=(0.0, float(mp_cfg["e_above_hull_max"])),
+                band_gap=(mp.band_gap_min, None),
+                energy_above_hull=(0.0, mp.e_above_hull_max),
                 fields=MP_FIELDS,
             )
             return list(docs), mpr.db_version
@@ -195,14 +196,14 @@ def materials_project(mp_cfg: dict[str, Any], api_key: str | None = None) -> tup
             continue
         bg, eh = d.get("band_gap"), d.get("energy_above_hull")
         frac = s.composition.get_atomic_fraction("Li")
-        if frac <= float(mp_cfg["li_fraction_min"]):
-            rejected.append(Rejection(mid, f"{mid}: Li fraction {frac:.3f} <= {mp_cfg['li_fraction_min']}"))
+        if frac <= mp.li_fraction_min:
+            rejected.append(Rejection(mid, f"{mid}: Li fraction {frac:.3f} <= {mp.li_fraction_min}"))
             continue
-        if bg is not None and bg <= float(mp_cfg["band_gap_min"]):
-            rejected.append(Rejection(mid, f"{mid}: band gap {bg} eV <= {mp_cfg['band_gap_min']}"))
+        if bg is not None and bg <= mp.band_gap_min:
+            rejected.append(Rejection(mid, f"{mid}: band gap {bg} eV <= {mp.band_gap_min}"))
             continue
-        if eh is not None and eh >= float(mp_cfg["e_above_hull_max"]):
-            rejected.append(Rejection(mid, f"{mid}: energy above hull {eh} eV/atom >= {mp_cfg['e_above_hull_max']}"))
+        if eh is not None and eh >= mp.e_above_hull_max:
+            rejected.append(Rejection(mid, f"{mid}: energy above hull {eh} eV/atom >= {mp.e_above_hull_max}"))
             continue
         why = check_structure(s, mid)
         if why:
@@ -210,11 +211,11 @@ def materials_project(mp_cfg: dict[str, Any], api_key: str | None = None) -> tup
             continue
         records.append(Record(mid, s.get_sorted_structure(), f"materials-project:{mid}@{db_version}",
                               band_gap=bg, e_above_hull=eh))
-        if mp_cfg.get("max_structures") and len(records) >= int(mp_cfg["max_structures"]):
+        if mp.max_structures and len(records) >= mp.max_structures:
             break
     prov = {
-        "query": {"elements": ["Li"], "band_gap_gt": mp_cfg["band_gap_min"], "e_above_hull_lt": mp_cfg["e_above_hull_max"],
-                  "li_fraction_gt": mp_cfg["li_fraction_min"], "ordered_only": True, "fields": MP_FIELDS},
+        "query": {"elements": ["Li"], "band_gap_gt": mp.band_gap_min, "e_above_hull_lt": mp.e_above_hull_max,
+                  "li_fraction_gt": mp.li_fraction_min, "ordered_only": True, "fields": MP_FIELDS},
         "endpoint": kwargs.get("endpoint", "default"),
         "database_version": db_version,
         "retrieved_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
