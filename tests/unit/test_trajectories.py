@@ -75,3 +75,56 @@ def test_manifest_checks(tmp_path) -> None:
         bad.write_text(text)
         with pytest.raises(InputError, match=msg):
             load_table(bad)
+
+
+def _jumping(frames: int = 6, cell: float = 8.0) -> tuple[list[Atoms], np.ndarray]:
+    """Li2O in an 8-Å cube whose first Li jumps 5 Å along x between every two saved frames
+    (0.625 of the lattice vector: no minimum-image unwrapping can follow it)."""
+    base = np.array([[1.0, 1.0, 1.0], [4.0, 4.0, 4.0], [2.0, 6.0, 3.0]])
+    pos = np.repeat(base[None], frames, axis=0)
+    pos[:, 0, 0] += 5.0 * np.arange(frames)
+    return [_atoms(cell, p) for p in pos], pos
+
+
+def test_unwrapped_input_with_large_jumps_is_read_as_is_and_wrapped_is_refused(tmp_path) -> None:
+    frames, pos = _jumping()
+    f = tmp_path / "unwrapped.extxyz"
+    write(f, frames, format="extxyz")
+    got = tr.read(f)  # auto: coordinates outside the cell -> unwrapped input, taken as is
+    assert got.unwrapped_input
+    np.testing.assert_allclose(got.positions, pos, atol=1e-6)  # frame 0 already in the cell: no shift
+    np.testing.assert_allclose(np.diff(got.positions[:, 0, 0]), 5.0, atol=1e-6)
+    assert tr.read(f, unwrapped=True).unwrapped_input
+    # the same file declared wrapped, and the same trajectory wrapped into the cell: refused, named
+    msg = r"atom 0 moves 0\.38 of lattice vector a between frames 0 and 1 of wrapped positions"
+    with pytest.raises(InputError, match=r"unwrapped\.extxyz: " + msg):
+        tr.read(f, unwrapped=False)
+    wrapped = tmp_path / "wrapped.extxyz"
+    for a in frames:
+        a.wrap()
+    write(wrapped, frames, format="extxyz")
+    with pytest.raises(InputError, match=r"wrapped\.extxyz: " + msg + r".*unwrapped = true"):
+        tr.read(wrapped)
+
+
+def test_unwrapped_input_keeps_its_motion_and_puts_frame_0_in_the_cell(tmp_path) -> None:
+    x = _walk(frames=20) * 6.0  # Å in a 6-Å cube; frame 0 outside the cell
+    frames = [Atoms("Li5", positions=p, cell=np.eye(3) * 6.0, pbc=True) for p in x]
+    f = tmp_path / "walk.extxyz"
+    write(f, frames, format="extxyz")
+    got = tr.read(f)
+    assert got.unwrapped_input
+    shift = x[0] - got.positions[0]
+    np.testing.assert_allclose(shift / 6.0, np.round(shift / 6.0), atol=1e-6)  # whole lattice vectors
+    np.testing.assert_allclose(got.positions, x - shift[None], atol=1e-6)
+    assert (got.positions[0] >= 0).all() and (got.positions[0] < 6.0).all()
+
+
+def test_unwrapped_column_of_the_trajectories_csv(tmp_path) -> None:
+    (tmp_path / "t.csv").write_text("id,path,temperature_K,frame_dt_fs,unwrapped\n"
+                                    "a,a.xyz,600,10,TRUE\na,b.xyz,900,10,false\nb,c.xyz,600,10,\n")
+    df = load_table(tmp_path / "t.csv")
+    assert df["unwrapped"].tolist() == [True, False, None]
+    (tmp_path / "bad.csv").write_text("id,path,temperature_K,unwrapped\na,a.xyz,600,maybe\n")
+    with pytest.raises(InputError, match=r"bad\.csv: column unwrapped: 'maybe' is not true, false or auto"):
+        load_table(tmp_path / "bad.csv")

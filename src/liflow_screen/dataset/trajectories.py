@@ -2,13 +2,22 @@
 
 Units: positions Å, frame interval fs (input) and ps (frames), temperature K.
 
-Unwrapping: frame 0 is wrapped into the cell (fractional coordinates in [0, 1)); every later
-frame adds the minimum-image fractional displacement from the frame before. That gives the same
-unwrapped trajectory whether the file holds wrapped (VASP XDATCAR) or unwrapped (extxyz from an
-MD code) positions. It is only unambiguous while no atom moves more than
-:data:`MAX_FRAME_JUMP` of a lattice vector between saved frames; beyond that the file is refused
-(save frames more often). A cell that changes between frames (NpT) is refused too: the dataset
-and LiFlow assume one fixed cell per trajectory.
+Wrapped or unwrapped: a file's positions are *unwrapped* (an MD code's extxyz, continuous in
+time) or *wrapped* into the cell (VASP XDATCAR). The trajectories CSV says which (column
+``unwrapped``: true / false / auto); auto takes any coordinate outside the cell (fractional
+coordinate < 0 or >= 1, beyond :data:`OUTSIDE_TOL`) as proof of unwrapped input, and a file whose
+atoms all stay inside the cell as wrapped.
+
+* Unwrapped input is taken as is: each atom is shifted by the one lattice vector that puts it in
+  the cell at frame 0 (the convention of every trajectory here); moves between frames are kept,
+  however large.
+* Wrapped input is unwrapped: every later frame adds the minimum-image fractional displacement
+  from the frame before. That is only unambiguous while no atom moves more than
+  :data:`MAX_FRAME_JUMP` of a lattice vector between saved frames; beyond that the file is refused
+  with the file, atom and frames named (save frames more often, or declare the input unwrapped).
+
+A cell that changes between frames (NpT) is refused: the dataset and LiFlow assume one fixed cell
+per trajectory.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from ..core.errors import InputError
 
 #: Largest frame-to-frame move, as a fraction of a lattice vector, that unwraps unambiguously.
 MAX_FRAME_JUMP = 0.25
+#: A fractional coordinate beyond [0, 1) by more than this marks the input as unwrapped (auto).
+OUTSIDE_TOL = 1e-6
 #: Cell entries (Å) may differ by this much between frames and still count as fixed.
 CELL_TOL_A = 1e-6
 
@@ -38,6 +49,7 @@ class InputTrajectory:
     positions: np.ndarray
     energies: np.ndarray | None  # eV per frame, when the file has them
     frame_dt_fs: float | None    # from the file, when the format records it
+    unwrapped_input: bool = False  # the file held unwrapped positions (declared or detected)
 
 
 def vasprun_frame_dt_fs(path: str | os.PathLike[str]) -> float | None:
@@ -63,14 +75,25 @@ def unwrap(frac: np.ndarray, path: str = "trajectory") -> np.ndarray:
         if worst.max() > MAX_FRAME_JUMP:
             f, i, k = np.unravel_index(int(np.argmax(worst)), worst.shape)
             raise InputError(f"{path}: atom {i} moves {worst[f, i, k]:.2f} of lattice vector {'abc'[k]} between "
-                             f"frames {f} and {f + 1}: unwrapping would be ambiguous (limit {MAX_FRAME_JUMP}); "
-                             f"save frames more often")
+                             f"frames {f} and {f + 1} of wrapped positions: unwrapping would be ambiguous "
+                             f"(limit {MAX_FRAME_JUMP}); save frames more often, or, if the file's positions "
+                             f"are already unwrapped, set unwrapped = true for it in the trajectories CSV")
         out[1:] = out[0] + np.cumsum(d, axis=0)
     return out
 
 
-def read(path: str | os.PathLike[str], fmt: str | None = None) -> InputTrajectory:
-    """Read every frame of ``path`` with ASE (format guessed unless ``fmt``), check, unwrap."""
+def is_unwrapped(frac: np.ndarray) -> bool:
+    """Whether fractional coordinates (F, n, 3) leave the cell anywhere: proof of unwrapped input."""
+    frac = np.asarray(frac)
+    return bool((frac < -OUTSIDE_TOL).any() or (frac >= 1.0 + OUTSIDE_TOL).any())
+
+
+def read(path: str | os.PathLike[str], fmt: str | None = None, unwrapped: bool | None = None) -> InputTrajectory:
+    """Read every frame of ``path`` with ASE (format guessed unless ``fmt``), check, unwrap.
+
+    ``unwrapped``: the file's positions are unwrapped (True: taken as is), wrapped (False: unwrapped
+    here, refused when ambiguous) or None (auto: unwrapped if any coordinate is outside the cell).
+    """
     from ase.io import read as ase_read
 
     p = Path(path)
@@ -98,7 +121,11 @@ def read(path: str | os.PathLike[str], fmt: str | None = None) -> InputTrajector
     if not np.isfinite(pos).all():
         raise InputError(f"{p}: NaN or infinite positions")
     frac = pos @ np.linalg.inv(cell)
-    unwrapped = unwrap(frac, str(p)) @ cell
+    as_is = is_unwrapped(frac) if unwrapped is None else bool(unwrapped)
+    if as_is:  # one lattice translation per atom puts frame 0 in the cell; the motion is untouched
+        positions = (frac - np.floor(frac[0])[None]) @ cell
+    else:
+        positions = unwrap(frac, str(p)) @ cell
     energies = None
     try:
         energies = np.array([a.get_potential_energy() for a in frames], dtype=np.float64)
@@ -107,4 +134,4 @@ def read(path: str | os.PathLike[str], fmt: str | None = None) -> InputTrajector
     dt = None
     if (fmt or "").startswith("vasp-xml") or p.name.endswith(("vasprun.xml", ".xml")):
         dt = vasprun_frame_dt_fs(p)
-    return InputTrajectory(str(p), numbers.astype(np.int64), cell, unwrapped, energies, dt)
+    return InputTrajectory(str(p), numbers.astype(np.int64), cell, positions, energies, dt, as_is)

@@ -4,7 +4,9 @@ dataset from them as from the project's own MD.
 
 Manifest columns: ``id`` (material), ``path`` (relative to the CSV's folder), ``temperature_K``;
 optional ``frame_dt_fs`` (time between saved frames; required unless the file records it, as
-vasprun.xml does), ``format`` (an ASE format name, else guessed) and ``split`` (default train).
+vasprun.xml does), ``format`` (an ASE format name, else guessed), ``split`` (default train) and
+``unwrapped`` (true / false / auto, default auto: whether the file's positions are unwrapped; see
+:mod:`liflow_screen.dataset.trajectories`).
 Units: Å, fs, ps, K.
 """
 
@@ -29,7 +31,9 @@ from ..dataset.trajectories import InputTrajectory, read
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("id", "path", "temperature_K", "frame_dt_fs", "format", "split")
+COLUMNS = ("id", "path", "temperature_K", "frame_dt_fs", "format", "split", "unwrapped")
+#: Values of the ``unwrapped`` column (case-insensitive; empty = auto).
+UNWRAPPED = {"true": True, "false": False, "auto": None}
 REQUIRED = ("id", "path", "temperature_K")
 
 
@@ -37,7 +41,7 @@ def load_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     """The trajectory manifest, checked: known columns, required ones present, (id, T) unique."""
     p = Path(path)
     try:
-        df = pd.read_csv(p, dtype={"id": str, "path": str, "format": str, "split": str})
+        df = pd.read_csv(p, dtype={"id": str, "path": str, "format": str, "split": str, "unwrapped": str})
     except Exception as exc:
         raise InputError(f"{p}: unreadable trajectory manifest ({type(exc).__name__}: {exc})") from exc
     unknown = sorted(set(df.columns) - set(COLUMNS))
@@ -46,9 +50,14 @@ def load_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise InputError(f"{p}: missing column(s) {', '.join(missing)}")
-    for c in ("frame_dt_fs", "format", "split"):
+    for c in ("frame_dt_fs", "format", "split", "unwrapped"):
         if c not in df.columns:
             df[c] = None
+    words = df["unwrapped"].fillna("auto").astype(str).str.strip().str.lower()
+    bad_uw = sorted(set(words) - set(UNWRAPPED))
+    if bad_uw:
+        raise InputError(f"{p}: column unwrapped: {bad_uw[0]!r} is not true, false or auto")
+    df["unwrapped"] = [UNWRAPPED[w] for w in words]
     df["temperature_K"] = df["temperature_K"].astype(float)
     dup = df.assign(T=df["temperature_K"].round().astype(int)).duplicated(["id", "T"])
     if dup.any():
@@ -93,7 +102,8 @@ def run(settings: Settings, table: str | os.PathLike[str], manifest_out: str | o
     for sid, grp in df.sort_values(["id", "temperature_K"]).groupby("id", sort=True):
         ref: InputTrajectory | None = None
         for _, row in grp.iterrows():
-            traj = read(row["path"], row["format"] if isinstance(row["format"], str) else None)
+            traj = read(row["path"], row["format"] if isinstance(row["format"], str) else None,
+                        unwrapped=row["unwrapped"])
             dt_fs = _frame_dt_fs(row, traj)
             if abs(dt_fs - cfg_dt_fs) > 1e-6 * cfg_dt_fs:
                 raise InputError(f"{traj.path}: frames are {dt_fs:g} fs apart but md.timestep_fs x md.save_every "
@@ -110,7 +120,8 @@ def run(settings: Settings, table: str | os.PathLike[str], manifest_out: str | o
                                   "positions": traj.positions[f].astype(np.float32).reshape(-1),
                                   "energy": None if traj.energies is None else float(traj.energies[f]),
                                   "temperature_inst": None})
-            status.append(schema.status_row(sid, T, row["split"], "md", "ok", f"from {traj.path}", n_frames,
+            how = "unwrapped input" if traj.unwrapped_input else "wrapped input, unwrapped"
+            status.append(schema.status_row(sid, T, row["split"], "md", "ok", f"from {traj.path} ({how})", n_frames,
                                             (n_frames - 1) * dt_fs / 1000.0))
         assert ref is not None
         split = str(grp["split"].iloc[0])
