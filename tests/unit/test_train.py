@@ -76,7 +76,7 @@ def _unit_sigma() -> dict[tuple[int, float], float]:
 Q = {(3, T1): 1.5, (3, T2): 1.5, (9, T1): 1.5, (9, T2): 1.5}
 
 
-def _cfg(**train: object) -> dict:
+def _cfg(**train: object):
     """Small model (fast on 2 CPU cores); adaptive scales give prior σ0 = Q x true σ per group."""
     u = _unit_sigma()
     sc = {k: Q[k] * TRUE_SIGMA[k] / u[k] for k in Q}
@@ -266,3 +266,17 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         load_flow(tmp_path / "missing.pt")
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_max_epochs_caps_training_on_a_small_dataset(tmp_path: Path) -> None:
+    """train.max_epochs bounds the steps at max_epochs x distinct pairs / batch size; max_steps binds
+    when it is smaller, and an explicit max_steps (CLI --max-steps) overrides both."""
+    tr, va = ListPairSource(_pairs(24, seed=5)), ListPairSource(_pairs(4, seed=6))
+    n = len(tr)  # distinct pairs
+    cfg = _cfg(val_every=5, batch_size=8, max_epochs=3)
+    s = train_flow("propagator", "adaptive", cfg, tr, va, tmp_path / "e", progress=False)
+    assert s["steps"] == -(-3 * n // 8) < 125000  # ceil(3 x pairs / batch)
+    small = make_settings({**cfg.config, "train": {**cfg.config["train"], "max_steps": 4}})
+    assert train_flow("propagator", "adaptive", small, tr, va, tmp_path / "m", progress=False)["steps"] == 4
+    assert train_flow("propagator", "adaptive", cfg, tr, va, tmp_path / "x", max_steps=12,
+                      progress=False)["steps"] == 12

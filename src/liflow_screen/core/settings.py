@@ -121,6 +121,7 @@ class TrainSettings:
     grad_clip: float
     batch_size: int
     max_steps: int
+    max_epochs: int | None  # passes over the distinct training pairs; caps max_steps on small data
     val_every: int
     val_batches: int
     patience: int

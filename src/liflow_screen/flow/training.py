@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -56,8 +57,10 @@ PROPAGATOR_VARIANTS = ("adaptive", "uniform", "isotropic", "regressor")
 CORRECTOR_VARIANTS = ("uniform", "adaptive")
 CKPT_FORMAT = "liflow-flow-checkpoint/2"
 #: train.* keys that may change between a run and its resumption (everything else must match).
-RESUMABLE_KEYS = frozenset({"max_steps", "device", "variants", "classifier_hidden", "classifier_epochs",
-                             "classifier_lr"})
+RESUMABLE_KEYS = frozenset({"max_steps", "max_epochs", "device", "variants", "classifier_hidden",
+                            "classifier_epochs", "classifier_lr"})
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- data
@@ -99,6 +102,10 @@ class PairSource(Protocol):
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]: ...
 
+    def __len__(self) -> int:
+        """Distinct pairs the source can draw (an epoch is this many pairs)."""
+        ...
+
 
 class ListPairSource:
     """In-memory PairSource: draws pairs with replacement, optionally with sampling weights."""
@@ -116,6 +123,9 @@ class ListPairSource:
             if w.shape != (len(pairs),) or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
                 raise InputError("ListPairSource: weights must be finite, >= 0, one per pair, not all 0")
             self.p = w / w.sum()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]:
         idx = rng.choice(len(self.pairs), size=batch_size, replace=True, p=self.p)
@@ -260,7 +270,9 @@ def train_flow(
     sizes and prior scales are then not used); the training itself is unchanged.
 
     settings: the run's settings; uses ``train``, ``seed`` and ``dataset.delta_tau_ps``.
-    max_steps: overrides ``train.max_steps`` (total optimizer steps, counted across resumes).
+    max_steps: overrides ``train.max_steps`` and ``train.max_epochs`` (total optimizer steps, counted
+    across resumes); otherwise the steps are ``train.max_steps``, capped at ``train.max_epochs``
+    passes over the ``len(train_src)`` distinct training pairs when that is set.
     Writes ``best.pt`` (lowest validation loss), ``last.pt`` (full training state, saved at every
     validation and at the end) and ``history.json``, all atomically and with provenance.
     Returns the summary dict (steps, best_val, best_step, wall_s, params, steps_per_s,
@@ -274,6 +286,12 @@ def train_flow(
     tr, seed = settings.train, settings.seed
     batch_size = tr.batch_size
     total = int(max_steps if max_steps is not None else tr.max_steps)
+    if max_steps is None and tr.max_epochs is not None:
+        by_epochs = max(1, math.ceil(tr.max_epochs * len(train_src) / batch_size))
+        if by_epochs < total:
+            log.info("%s/%s: %d steps = train.max_epochs %d x %d pairs / batch %d (< train.max_steps %d)", kind,
+                     variant, by_epochs, tr.max_epochs, len(train_src), batch_size, total)
+            total = by_epochs
     val_every, n_val, patience = tr.val_every, tr.val_batches, tr.patience
     lr, clip = tr.lr, tr.grad_clip
     if total < 1:
