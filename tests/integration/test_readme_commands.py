@@ -103,6 +103,7 @@ def run_verbatim(cmd: str, cwd: Path, timeout: int) -> tuple[subprocess.Complete
     return proc, time.perf_counter() - t0
 
 
+@pytest.mark.timeout(1800)
 def test_default_command(tmp_path) -> None:
     """The quick start's workflow command, verbatim: the default screening of 14 panel compounds with the
     shipped models. Its tables are byte-identical to those the code before issue 17 wrote; the
@@ -142,6 +143,7 @@ def _tiny_trajectories(d: Path) -> None:
     (d / "trajectories.csv").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.timeout(1800)
 def test_own_trajectories_command(tmp_path) -> None:
     """The README's own-trajectories command, verbatim, on a tiny trajectories.csv in the working
     folder: the config as shipped (trajectories -> dataset -> P + C -> rollouts -> reports)."""
