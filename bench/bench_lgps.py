@@ -5,7 +5,7 @@
    OrderDisorderedStructureTransformation (oxidation states Li+ Ge4+ P5+ S2-, lowest Ewald energy
    first) in its 50-atom cell, then repeated 2 x 2 x 1 (200 atoms), as the paper's AIMD cell size.
    The AIMD cell itself (its Li arrangement, lattice at temperature) is not available here.
-2. Models: ``P_LGPS.ckpt`` and ``C_LGPS_0.1.ckpt`` imported with ``model.published.import_checkpoint``
+2. Models: ``P_LGPS.ckpt`` and ``C_LGPS_0.1.ckpt`` imported with ``flow.published.import_checkpoint``
    (Δτ = 1.005 ps = 670 x 1.5 fs; their own priors: Li 10x, frame 0.5x scaled Maxwell-Boltzmann for
    the Propagator, 0.1x for the Corrector; no classifier needed, both Li classes use scale 10).
 3. Rollouts: 150 steps (~151 ps) at 650, 900, 1150 and 1400 K in one batch, 10 + 10 flow steps,

@@ -3,7 +3,7 @@
 Each (config seed, structure id, T) has one ``numpy.random.SeedSequence``; its streams are told apart
 by spawn keys: the MD initial velocities use the root sequence itself, LiFlow rollouts its child
 ``(ROLLOUT,)`` and pilot rollouts its child ``(PILOT,)``; a rollout stream is the 64-bit key of the
-counter-based noise (``rollout_key``, ``model.priors.counter_normal``). Nothing depends on batching, chunking,
+counter-based noise (``rollout_key``, ``flow.priors.counter_normal``). Nothing depends on batching, chunking,
 process or Python's hash seed (the structure key is a SHA-256 of the id).
 """
 
@@ -38,6 +38,6 @@ def numpy_rng(seed: int, sid: str, temperature: float, *stream: int) -> np.rando
 def rollout_key(seed: int, sid: str, temperature: float, *stream: int) -> tuple[int, int]:
     """Two 32-bit words keying the counter-based noise of one (structure, T K) rollout stream
     (``ROLLOUT`` or ``PILOT``): draw i of that stream is a pure function of (key, i), whatever the
-    batch, chunk, device or process (see ``model.priors.counter_normal``)."""
+    batch, chunk, device or process (see ``flow.priors.counter_normal``)."""
     state = trajectory_seed(seed, sid, temperature, *stream).generate_state(2, dtype=np.uint32)
     return int(state[0]), int(state[1])

@@ -1,8 +1,8 @@
 """The trajectory dataset in memory: MSD labels, reference trajectories, Δτ pair sampling.
 
-The stage that writes the dataset is ``stages.dataset``.
+The stage that writes the dataset is ``stages.run_dataset``.
 
-Layout of ``results/dataset/``: see ``stages.dataset`` and :mod:`layout`.
+Layout of ``results/dataset/``: see ``stages.run_dataset`` and :mod:`liflow_screen.io.layout`.
 Units: Å, ps, K.
 """
 
@@ -121,7 +121,7 @@ class ParquetPairSource:
         return sum(t.positions.shape[0] - self.delta for t in self.trajs)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Any]:
-        """``batch_size`` pairs as ``model.train.Pair`` objects."""
+        """``batch_size`` pairs as ``flow.training.Pair`` objects."""
         from ..flow.training import Pair
 
         idx = rng.choice(len(self.trajs), size=batch_size, p=self.weights)

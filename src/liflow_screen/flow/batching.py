@@ -54,7 +54,7 @@ def graph_of(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device:
 #: per-step Python overhead small against the model's work; memory is ~0.5 MB per atom).
 CPU_BATCH_ATOMS = 4096
 #: Edges per atom a CUDA batch is sized for (~45 in the benchmark cells, with headroom); each edge
-#: costs rollout.BYTES_PER_EDGE in each of the two models' CUDA-graph pools.
+#: costs engine.BYTES_PER_EDGE in each of the two models' CUDA-graph pools.
 CUDA_EDGES_PER_ATOM = 64
 #: At most 65,536 atoms per CUDA batch: past ~180k atoms (~8M edges) the (E, 256) message tensors pass
 #: 2^31 elements and torch.compile's 64-bit-indexed kernels ran 4x slower per structure (H200).
@@ -109,7 +109,7 @@ def rollout_batches(settings: Settings, prop: Any, corr: Any, structs: pd.DataFr
     ``stream``: ``seeds.ROLLOUT`` or ``seeds.PILOT``, the child of each (seed, structure, T)
     sequence the prior draws come from (independent of batching, chunking and device).
     ``on_frame(batch, ptr, frame, positions, good)``: stream every frame (``ptr``: the batch's atom
-    offsets; see ``rollout.rollout``).
+    offsets; see ``flow.engine.rollout``).
     """
     import torch
 

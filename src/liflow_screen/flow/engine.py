@@ -10,7 +10,7 @@ All G trajectories advance together in ONE :class:`GraphBatch`. Per Δτ step (1
    only every k-th step is corrected (P P C for k = 2 ..., paper Appendix E.3), the others are X' = X~;
 4. the CoM drift is removed per graph with atomic masses: X' <- X' - CoM(X') + CoM(X_tau).
 
-Noise is counter-based (Philox4x32-10, ``model.priors.counter_normal``): every prior sample is a pure
+Noise is counter-based (Philox4x32-10, ``flow.priors.counter_normal``): every prior sample is a pure
 function of (the graph's key, step, attempt, Propagator/Corrector, atom), drawn for the whole batch in
 one go, so a graph's trajectory does not depend on which other graphs share the batch.
 Host work per step does not grow with the number of graphs: one batched neighbour list per
@@ -363,10 +363,10 @@ def rollout(
 ) -> RolloutResult:
     """Run Algorithm 1 for every graph of ``g0`` (initial positions X_0 in Å, temperatures in K).
 
-    sigma_prop / sigma_corr (N,) Å: Propagator / Corrector prior widths (see model.priors).
+    sigma_prop / sigma_corr (N,) Å: Propagator / Corrector prior widths (see flow.priors).
     ``generator``: the graphs' noise keys: a (G, 2) tensor (``seeds.rollout_key``), one
     torch.Generator (keys drawn from it) or one generator per graph. Prior samples are counter-based
-    (``model.priors.counter_normal``): a graph's draws depend only on its key, the step, the retry
+    (``flow.priors.counter_normal``): a graph's draws depend only on its key, the step, the retry
     and the atom, so its trajectory does not depend on the batch it shares.
     ``regressor``: the Propagator is a regressor, called once per step with d = 0, t = 0, whose
     output is the displacement (no prior sample). ``corrector=None`` skips the Corrector;
@@ -379,7 +379,7 @@ def rollout(
     fp32 | tf32 | bf16 (see :class:`_Precision`); ``edge_chunk`` (see :func:`edge_chunk_policy`);
     ``cuda_graphs`` (auto = on CUDA): each flow integration (noise draw + ``n_flow`` evaluations)
     is replayed from a captured CUDA graph; ``compile`` (auto = on CUDA with Triton): the model's field
-    runs through ``torch.compile`` (``model.painn.use_compiled_field``; edges are then not chunked;
+    runs through ``torch.compile`` (``flow.painn.use_compiled_field``; edges are then not chunked;
     the first step pays the compilation, ~10-40 s on an H200). Host work per step does not grow with G: one neighbour list per
     conditioning, one noise draw per model, one divergence check (one host sync) per step.
     """

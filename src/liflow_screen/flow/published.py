@@ -11,7 +11,7 @@ plain containers; the only other classes allowed are inert stand-ins for the fiv
 config classes of the hyper-parameters (they just hold their state and are converted to plain
 dicts / lists). A file that names any other global (e.g. a function to call) is refused.
 
-Import writes the project's own flow-model checkpoint (``model.train.CKPT_FORMAT``): weights
+Import writes the project's own flow-model checkpoint (``flow.training.CKPT_FORMAT``): weights
 renamed to :class:`~liflow_screen.flow.painn.FlowModel` (whose conventions match), the element
 table (Z -> embedding row), the prior settings, Δτ, and provenance (source file, SHA-256, license,
 settings the checkpoint implies).

@@ -1,0 +1,1 @@
+"""Files: Parquet schemas, the results layout, atomic writes with provenance, integrity checks."""

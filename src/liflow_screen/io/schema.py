@@ -298,7 +298,7 @@ def open_frames(files: "Sequence[str | os.PathLike[str]]") -> pads.Dataset:
     """Open exactly ``files`` as one frame dataset with ``temperature`` and ``split`` columns, schema-checked.
 
     Each file is a chunk's ``frames_T<K>.parquet`` (then ``split`` is null: the structures table holds
-    it) or a dataset part ``temperature=<K>/split=<s>/part-NNNNN.parquet`` (see :mod:`layout`).
+    it) or a dataset part ``temperature=<K>/split=<s>/part-NNNNN.parquet`` (see :mod:`liflow_screen.io.layout`).
     Nothing else is read: the caller passes the files its rule declares.
     """
     import pyarrow.compute as pc

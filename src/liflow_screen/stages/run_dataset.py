@@ -1,6 +1,6 @@
 """Stage ``dataset``: merge the MD chunk files given into the Parquet trajectory dataset with labels.
 
-Layout of ``results/dataset/`` (all zstd Parquet, provenance in the metadata; names from :mod:`layout`)::
+Layout of ``results/dataset/`` (all zstd Parquet, provenance in the metadata; names from :mod:`liflow_screen.io.layout`)::
 
     structures.parquet                      relaxed supercells + descriptors (schema.STRUCTURES)
     status.parquet                          one row per (structure, T) trajectory (schema.STATUS)

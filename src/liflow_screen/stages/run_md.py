@@ -1,6 +1,6 @@
 """Stage ``md``: relax, describe and simulate one chunk of the manifest; write its files.
 
-One chunk writes, each atomically with provenance (names from :mod:`layout`):
+One chunk writes, each atomically with provenance (names from :mod:`liflow_screen.io.layout`):
 
 - ``structures.parquet`` (schema STRUCTURES): relaxed supercell + descriptors for EVERY row;
 - ``frames_T{T}.parquet`` (schema FRAMES), one per configured temperature, frames of the

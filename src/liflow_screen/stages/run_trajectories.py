@@ -1,5 +1,5 @@
 """Stage ``trajectories``: the user's own trajectories (a CSV manifest of files ASE reads) as a
-structures manifest plus one MD-chunk folder, so ``stages.dataset`` builds the same Parquet
+structures manifest plus one MD-chunk folder, so ``stages.run_dataset`` builds the same Parquet
 dataset from them as from the project's own MD.
 
 Manifest columns: ``id`` (material), ``path`` (relative to the CSV's folder), ``temperature_K``;

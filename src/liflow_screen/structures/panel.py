@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pymatgen and pandas are imported lazily (only when structur
     from pymatgen.core import Structure
 
 #: Atomic numbers of the universal LiFlow models' element table: Z <= 32 without He, Ne, Ar
-#: (the rows the published checkpoints pin; ``model.published.PINNED_ELEMENTS``, which needs torch).
+#: (the rows the published checkpoints pin; ``flow.published.PINNED_ELEMENTS``, which needs torch).
 UNIVERSAL_ELEMENTS: frozenset[int] = frozenset(z for z in range(1, 33) if z not in (2, 10, 18))
 #: Conductivity class boundaries, S/cm: fast σ >= FAST_MIN, slow σ < SLOW_MAX, moderate in between.
 FAST_MIN_S_CM: float = 1e-4
