@@ -244,3 +244,24 @@ def test_published_only_screening_skips_relaxing_what_nothing_rolls_out(tiny, tm
     assert not st.loc["Li2O", "relax_status"].startswith("skipped")
     assert not st.loc["LiBr-md", "relax_status"].startswith("skipped")
     assert sorted(calls) == sorted(["Li8O4", libr.get_chemical_formula()])  # LiBr (no MD) never relaxed
+
+
+def test_md_stage_runs_with_deterministic_kernels_and_restores_the_setting(tiny, tmp_path):
+    """run_md turns torch's deterministic kernels on for CPU work (at 2 threads an unconverged
+    relaxation otherwise differed by up to 4e-5 Å between identical runs) and restores the setting."""
+    import torch
+
+    from liflow_screen.core.runtime import deterministic_torch
+
+    seen = []
+    orig = md_stage.relax
+    try:
+        md_stage.relax = lambda *a, **k: (seen.append(torch.are_deterministic_algorithms_enabled()), orig(*a, **k))[1]
+        cfg = settings_of(relax_steps=2, duration_ps=0.016)
+        md_stage.run(cfg, pd.DataFrame([row("Li2O", li2o(), run_md=False)]), 0, tmp_path, potential=tiny,
+                     progress=False)
+    finally:
+        md_stage.relax = orig
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+    with deterministic_torch(False):
+        assert not torch.are_deterministic_algorithms_enabled()

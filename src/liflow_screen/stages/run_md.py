@@ -29,6 +29,7 @@ from ..io import layout, schema
 from ..core.constants import LI_Z
 from ..core.errors import InputError
 from ..io.files import provenance
+from ..core.runtime import deterministic_torch, resolve_device
 from ..core.settings import Settings
 from ..md.integrate import FrameCallback, load_pickle, safe_name, save_pickle
 from ..md.lockstep import MDJob, run_trajectories
@@ -62,8 +63,16 @@ def run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, out
     ``run_md``. In a published-models-only screening, a row without MD holding an element outside
     the models' element table is not relaxed (nothing would roll it out): its row keeps the
     unrelaxed supercell with relax_status "skipped: ...", and the rollout stage reports the element.
-    Returns the written paths by name.
+    Returns the written paths by name. On CPU it runs with torch's deterministic kernels
+    (:func:`~liflow_screen.core.runtime.deterministic_torch`): same input, same bits at 1 or 2 threads.
     """
+    on_cpu = (potential.device if potential is not None else resolve_device(settings.md.device, "md.device")) == "cpu"
+    with deterministic_torch(on_cpu):
+        return _run(settings, manifest, chunk, out_dir, potential, progress, frame_callback)
+
+
+def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, out_dir: Path,
+         potential: Potential | None, progress: bool, frame_callback: FrameCallback | None) -> dict[str, Path]:
     from tqdm.auto import tqdm
 
     md = settings.md
