@@ -30,6 +30,16 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------- sections
+class _Section:
+    """A top-level config section (``Settings.<name>``)."""
+
+    @classmethod
+    def defaults(cls: type[T], **changes: Any) -> T:
+        """The section from the schema defaults with ``changes`` (key: value), validated."""
+        name = next(f.name for f in dataclasses.fields(Settings) if typing.get_type_hints(Settings)[f.name] is cls)
+        return getattr(Settings.defaults(**{name: changes}), name)
+
+
 @dataclass(frozen=True)
 class MPSettings:
     """``structures.mp``: the Materials Project query."""
@@ -44,7 +54,7 @@ class MPSettings:
 
 
 @dataclass(frozen=True)
-class StructuresSettings:
+class StructuresSettings(_Section):
     """``structures``: where the structures come from, supercells and the composition split."""
 
     source: str  # panel | mp | cif_dir | manifest | embedded | trajectories
@@ -59,7 +69,7 @@ class StructuresSettings:
 
 
 @dataclass(frozen=True)
-class MDSettings:
+class MDSettings(_Section):
     """``md``: relaxation and the reference NVT molecular dynamics."""
 
     potential: str
@@ -92,13 +102,10 @@ class MDSettings:
         """Saved frames including frame 0: floor(duration / frame interval) + 1."""
         return int(math.floor(self.duration_ps / self.frame_dt_ps + 1e-9)) + 1
 
-    @classmethod
-    def defaults(cls, **changes: Any) -> MDSettings:
-        return _section_defaults(cls, "md", changes)
 
 
 @dataclass(frozen=True)
-class DatasetSettings:
+class DatasetSettings(_Section):
     """``dataset``: the LiFlow time step and the MSD labels."""
 
     delta_tau_ps: float  # ps (set from delta_tau_frames when that is given)
@@ -108,7 +115,7 @@ class DatasetSettings:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(_Section):
     """``train``: the flow models (PaiNN), their priors, training and the prior selector."""
 
     device: str
@@ -138,13 +145,10 @@ class TrainSettings:
     variants: tuple[str, ...]
     init_from: str | None
 
-    @classmethod
-    def defaults(cls, **changes: Any) -> TrainSettings:
-        return _section_defaults(cls, "train", changes)
 
 
 @dataclass(frozen=True)
-class PretrainedSettings:
+class PretrainedSettings(_Section):
     """``pretrained``: the published models screened as variant ``published``."""
 
     propagator: str | None
@@ -157,7 +161,7 @@ class PretrainedSettings:
 
 
 @dataclass(frozen=True)
-class RolloutSettings:
+class RolloutSettings(_Section):
     """``rollout``: batched LiFlow rollouts (Algorithm 1) and the prior class of each."""
 
     prior_selection: str  # selector | pilot | labels | fast | slow
@@ -179,13 +183,10 @@ class RolloutSettings:
     max_step_displacement: float  # Å per Δτ step above which a structure diverged
     retries: int
 
-    @classmethod
-    def defaults(cls, **changes: Any) -> RolloutSettings:
-        return _section_defaults(cls, "rollout", changes)
 
 
 @dataclass(frozen=True)
-class AnalysisSettings:
+class AnalysisSettings(_Section):
     """``analysis``: kinisi, RDF, the Arrhenius extrapolation and the reports."""
 
     kinisi_n_dt: int
@@ -198,9 +199,6 @@ class AnalysisSettings:
     metric_tau_ps: float | None  # ps
     ranking_variant: str | None
 
-    @classmethod
-    def defaults(cls, **changes: Any) -> AnalysisSettings:
-        return _section_defaults(cls, "analysis", changes)
 
 
 @dataclass(frozen=True)
@@ -294,7 +292,3 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
                           f"not in the config {sorted(missing)}, not in the settings {sorted(extra)}")
     prefix = f"{where}." if where else ""
     return cls(**{n: _coerce(hints[n], data[n], prefix + n) for n in names})
-
-
-def _section_defaults(cls: type[T], section: str, changes: dict[str, Any]) -> T:
-    return getattr(Settings.defaults(**{section: changes}), section)
