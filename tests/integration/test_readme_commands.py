@@ -121,7 +121,7 @@ def test_default_command(tmp_path) -> None:
 
 def _tiny_trajectories(d: Path) -> None:
     """A trajectories.csv with two synthetic LiCl trajectories (8-atom rock salt, extxyz, 15 fs apart
-    as config/own-trajectories.yaml says): Li hops between sites at 1400 K, only vibrates at 650 K."""
+    as config/own-trajectories.yaml says, 100 frames): Li hops at 1400 K, only vibrates at 650 K."""
     from ase.build import bulk
     from ase.io import write
 
@@ -131,7 +131,7 @@ def _tiny_trajectories(d: Path) -> None:
     lines = ["id,path,temperature_K,frame_dt_fs"]
     for T, hop in ((650, 0.0), (1400, 0.08)):
         frames, pos = [], atoms.positions.copy()
-        for _ in range(160):  # 2.4 ps: more than Δτ = 67 frames, plus pairs to sample
+        for _ in range(100):  # 1.5 ps: Δτ = 67 frames plus 33 pair origins
             drift = np.zeros_like(pos)
             drift[li] = rng.normal(0.0, hop, (li.sum(), 3)) if hop else 0.0
             pos = pos + drift
