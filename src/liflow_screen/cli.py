@@ -20,8 +20,6 @@ from .core.errors import LiflowError
 if TYPE_CHECKING:
     from .core.settings import Settings
 
-log = logging.getLogger("liflow_screen")
-
 Handler = Callable[[argparse.Namespace, "Settings"], None]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
 

@@ -11,8 +11,6 @@ from liflow_screen.flow.classifier import SINGLE_CLASS, PriorSelector
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
 def _synthetic(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
     """Descriptors (8 features) and T; slow iff a linear score of descriptors and T/1000 is low.
 

@@ -30,8 +30,6 @@ class Killed(BaseException):
     """Simulates the job being killed (not an Exception: nothing may swallow it)."""
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> P.Potential:
     path = P.save_mace_model(P.build_random_mace("tiny", seed=1), tmp_path_factory.mktemp("m") / "tiny.model")

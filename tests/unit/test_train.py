@@ -28,7 +28,6 @@ from conftest import make_settings
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 A = 4.03  # Å, rock-salt LiF conventional cell (8 atoms); the test crystal is its 2x1x1 supercell
 _FRAC1 = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],          # Li
                    [.5, .5, .5], [.5, 0, 0], [0, .5, 0], [0, 0, .5]])          # F

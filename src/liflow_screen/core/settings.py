@@ -103,7 +103,6 @@ class MDSettings(_Section):
         return int(math.floor(self.duration_ps / self.frame_dt_ps + 1e-9)) + 1
 
 
-
 @dataclass(frozen=True)
 class DatasetSettings(_Section):
     """``dataset``: the LiFlow time step and the MSD labels."""
@@ -146,7 +145,6 @@ class TrainSettings(_Section):
     init_from: str | None
 
 
-
 @dataclass(frozen=True)
 class PretrainedSettings(_Section):
     """``pretrained``: the published models screened as variant ``published``."""
@@ -184,7 +182,6 @@ class RolloutSettings(_Section):
     retries: int
 
 
-
 @dataclass(frozen=True)
 class AnalysisSettings(_Section):
     """``analysis``: kinisi, RDF, the Arrhenius extrapolation and the reports."""
@@ -198,7 +195,6 @@ class AnalysisSettings(_Section):
     top_n: int
     metric_tau_ps: float | None  # ps
     ranking_variant: str | None
-
 
 
 @dataclass(frozen=True)

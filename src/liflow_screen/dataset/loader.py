@@ -24,8 +24,6 @@ from ..core.errors import SchemaError
 log = logging.getLogger(__name__)
 
 
-
-
 def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict[str, float]:
     """Per group (Li, frame): MSD (Å²) at the last frame from frame 0 (Eq. 12), MSD/τ (Å²/ps), and
     the mobility rate (Å²/ps, :func:`analysis.mobility_rate`) on which the slow/fast label rests.
@@ -46,8 +44,6 @@ def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict
         out[f"msd_{name}_per_ps"] = msd / tau if tau > 0 else float("nan")
         out[f"rate_{name}"] = mobility_rate(pos, times_ps, mask) if mask.any() and len(pos) > 1 else float("nan")
     return out
-
-
 
 
 # ----------------------------------------------------------------------------------- pairs

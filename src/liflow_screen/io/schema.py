@@ -85,7 +85,6 @@ STATUS = pa.schema([
 ])
 
 
-
 def status_row(sid: str, temperature: float, split: str, source: str, status: str, reason: str = "",
                n_frames: int = 0, duration_ps: float = 0.0, wall_s: float = 0.0) -> dict[str, Any]:
     """One :data:`STATUS` row: how the (structure, temperature K) trajectory of ``source`` ended."""

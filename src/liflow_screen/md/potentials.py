@@ -306,7 +306,6 @@ def save_mace_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> Pat
     return Path(path)
 
 
-
 class EnergyForcesCalculator(Calculator):
     """Lean ASE calculator (energy eV, forces eV/Å) over ``Potential.energies_forces``, for MD.
 

@@ -92,7 +92,7 @@ def run(settings: Settings, table: str | os.PathLike[str], manifest_out: str | o
     df = load_table(table)
     md = settings.md
     cfg_temps = sorted({int(round(t)) for t in md.temperatures})
-    cfg_dt_fs = md.timestep_fs * md.save_every
+    cfg_dt_fs = md.frame_dt_ps * 1000.0
     extra = sorted({int(round(t)) for t in df["temperature_K"]} - set(cfg_temps))
     if extra:
         raise InputError(f"trajectories at {extra} K are not in md.temperatures {cfg_temps}")
