@@ -41,7 +41,8 @@ def one_torch_thread():
 
 
 def parity_errors(prop, corr, fixture, structure: str) -> dict:
-    """Max |ours - reference| (Å) of one parity-fixture structure (``shared/liflow-reference``):
+    """Max |ours - reference| (Å) of one structure of the parity fixture (``tests/data/parity_fixture.npz``,
+    the reference implementation's outputs; provenance in ``tests/data/README.md``):
     ``evals`` {(k, "P"|"C"): error} of the Propagator / Corrector outputs, ``after_P`` and ``next``
     of the whole 1-ps step, and ``move`` (the step's largest displacement, to show it is a real move)."""
     import numpy as np

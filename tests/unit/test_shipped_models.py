@@ -1,10 +1,11 @@
 """The published universal Propagator and Corrector shipped with the package (``data/models``).
 
 Checked: the shipped files match ``PROVENANCE.json`` (SHA-256, sources, license); the shipped models
-load and reproduce the reference implementation's outputs (``parity_fixture.npz`` in
-``../shared/liflow-reference``: skipped without it); the generator reproduces them; resolution
-order explicit > cache > shipped > download (with downloads off: no network); the import step copies
-a shipped copy (or re-tables it with an element_index).
+load and reproduce the reference implementation's outputs for all four structures of the in-repository
+``tests/data/parity_fixture.npz``; the generator turns checkpoints in the authors' format into the
+shipped files (and, where the authors' files are at hand, reproduces them from those byte for byte);
+resolution order explicit > cache > shipped > download (with downloads off: no network); the import
+step copies a shipped copy (or re-tables it with an element_index). Nothing here needs ``../shared``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_published import SHARED, TOL, needs_shared
+from test_published import (DATA, FIXTURE, FIXTURE_STRUCTURES, SHARED, TOL, original, published_as,
+                            shipped_as_lightning)
 
 from conftest import REPO, parity_errors
 from liflow_screen.core.errors import InputError, LiflowError
 from liflow_screen.io.files import sha256_of
 from liflow_screen.flow import published as pub
 from liflow_screen.flow.training import CKPT_FORMAT, flow_meta, load_flow
-
-PARITY_STRUCTURE = "LiCl"  # 8 atoms: one structure is enough here (test_published checks all four)
 
 
 @pytest.fixture(autouse=True)
@@ -79,35 +79,76 @@ def test_shipped_files_match_provenance() -> None:
         assert "optimizer_states" not in blob and "created_utc" not in blob["provenance"]  # deterministic
     lic = (data / "LICENSE").read_text()
     assert lic.startswith("MIT License") and "Permission is hereby granted" in lic
-    if (SHARED / "LICENSE").is_file():
-        assert (data / "LICENSE").read_bytes() == (SHARED / "LICENSE").read_bytes()  # verbatim
+    assert (data / "LICENSE").read_bytes() == (DATA / "LICENSE-liflow").read_bytes()  # verbatim
+    if (orig := original("LICENSE")) is not None:
+        assert (data / "LICENSE").read_bytes() == orig.read_bytes()
     assert pub.shipped_model("P_LGPS") is None  # not shipped
 
 
-@needs_shared
 def test_shipped_models_reproduce_the_reference(one_torch_thread) -> None:
-    """The shipped P and C reproduce the reference implementation's outputs and one whole step."""
+    """The shipped P and C reproduce the reference implementation's outputs and one whole step, for
+    all four structures of the fixture, within 1e-4 Å."""
     prop, corr = load_flow(pub.shipped_model("P_universal")), load_flow(pub.shipped_model("C_universal"))
-    err = parity_errors(prop, corr, np.load(SHARED / "parity_fixture.npz"), PARITY_STRUCTURE)
-    assert max(err["evals"].values()) < TOL, err
-    assert err["after_P"] < TOL and err["next"] < TOL, err
-    assert err["move"] > 0.05  # a real move
+    fx = np.load(FIXTURE)
+    for s in FIXTURE_STRUCTURES:
+        err = parity_errors(prop, corr, fx, s)
+        assert max(err["evals"].values()) < TOL, (s, err)
+        assert err["after_P"] < TOL and err["next"] < TOL, (s, err)
+        assert err["move"] > 0.05, s  # a real move
+        assert max(err["evals"].values()) > 0, s  # float32 round-off: never exactly equal
 
 
-@needs_shared
-def test_generator_reproduces_the_shipped_files(tmp_path, capsys) -> None:
+def _generator():
     script = REPO / "scripts" / "ship_published_models.py"
     spec = importlib.util.spec_from_file_location("ship_published_models", script)
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
-    assert ship.main(["--check"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("identical") == 2
-    # a regeneration elsewhere is weight-identical to the shipped copy (and, same torch, byte-identical)
-    ship.generate(SHARED, tmp_path, _record()["conversion"]["date"])
+    return ship
+
+
+def test_generator_reproduces_the_shipped_files(tmp_path, capsys) -> None:
+    """The generator, given checkpoints in the authors' format with the shipped weights, reference
+    config and training step, writes the shipped files: the same weights and metadata except the
+    recorded source SHA-256, and with that put back, the same bytes (same torch). Where the authors'
+    files are at hand, its own ``--check`` reproduces the shipped files from them."""
+    ship = _generator()
+    src, out = tmp_path / "source", tmp_path / "out"
+    src.mkdir()
+    ckpt = {name: shipped_as_lightning(name, src / pub.PUBLISHED[name].file) for name in pub.SHIPPED}
+    shutil.copyfile(DATA / "LICENSE-liflow", src / "LICENSE")
+    shipped = _record()
+    with published_as(ckpt):
+        rec = ship.generate(src, out, shipped["conversion"]["date"])
+    assert sorted(p.name for p in out.iterdir()) == ["C_universal.pt", "LICENSE", "PROVENANCE.json", "PROVENANCE.md",
+                                                     "P_universal.pt"]
+    same_torch = torch.__version__ == shipped["conversion"]["versions"]["torch"]
     for name in pub.SHIPPED:
-        assert ship._same_weights(tmp_path / f"{name}.pt", pub.shipped_dir() / f"{name}.pt") == []
-    assert json.loads((tmp_path / "PROVENANCE.json").read_text())["models"].keys() == set(pub.SHIPPED)
+        got, want = out / f"{name}.pt", pub.shipped_dir() / f"{name}.pt"
+        assert ship._same_weights(got, want) == ["metadata imported_from"]
+        blob = torch.load(got, map_location="cpu", weights_only=True)
+        real = torch.load(want, map_location="cpu", weights_only=True)["imported_from"]["sha256"]
+        assert blob["imported_from"]["sha256"] == sha256_of(ckpt[name]) != real
+        blob["imported_from"]["sha256"] = real
+        (tmp_path / "fixed").mkdir(exist_ok=True)
+        torch.save(blob, tmp_path / "fixed" / f"{name}.pt")
+        assert ship._same_weights(tmp_path / "fixed" / f"{name}.pt", want) == []
+        if same_torch:
+            assert (tmp_path / "fixed" / f"{name}.pt").read_bytes() == want.read_bytes(), name
+        m, s = rec["models"][name], shipped["models"][name]
+        assert m.keys() == s.keys() and {k for k in s if m[k] != s[k]} == {"sha256", "source_sha256", "source_bytes"}
+        assert m["source_sha256"] == sha256_of(ckpt[name]) and m["sha256"] == sha256_of(got)
+    for key in ("source", "shipped", "not_shipped", "note", "what"):
+        assert rec[key] == shipped[key], key
+    assert json.loads((out / "PROVENANCE.json").read_text()) == rec
+    assert (out / "LICENSE").read_bytes() == (pub.shipped_dir() / "LICENSE").read_bytes()
+    # files not carrying the published digests are refused by the generator
+    with pytest.raises(SystemExit, match="the published file has"):
+        ship.generate(src, tmp_path / "out2", shipped["conversion"]["date"])
+    # the authors' files, where at hand: the check the script itself runs (byte-identical with the same torch)
+    if all(original(pub.PUBLISHED[n].file) for n in pub.SHIPPED) and original("LICENSE"):
+        capsys.readouterr()
+        assert ship.main(["--check", "--source", str(SHARED)]) == 0
+        assert capsys.readouterr().out.count("identical") == 2
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -123,21 +164,29 @@ def test_resolution_nothing_cached_uses_the_shipped_copy_offline(empty_cache) ->
     assert "downloads are off" in str(exc.value) and "shipped" not in str(exc.value)
 
 
-@needs_shared
 def test_resolution_order_explicit_then_cache_then_shipped(tmp_path, empty_cache) -> None:
-    src = SHARED / "P_universal.ckpt"
+    src = shipped_as_lightning("P_universal", tmp_path / "P_universal.ckpt")  # the authors' format
     explicit = tmp_path / "mine.ckpt"
     shutil.copyfile(src, explicit)
     cached = empty_cache / "P_universal.ckpt"
-    # 3. no explicit, nothing cached: the shipped copy
-    assert pub.resolve_published("P_universal", download=False) == pub.shipped_model("P_universal")
-    # 2. a cached file with the published SHA-256 comes before the shipped copy ...
+    with published_as({"P_universal": src}):
+        # 3. no explicit, nothing cached: the shipped copy
+        assert pub.resolve_published("P_universal", download=False) == pub.shipped_model("P_universal")
+        # 2. a cached file with the published SHA-256 comes before the shipped copy ...
+        shutil.copyfile(src, cached)
+        assert pub.resolve_published("P_universal", download=False) == cached
+        # 1. ... and an explicit path before both
+        assert pub.resolve_published("P_universal", explicit=explicit, download=False) == explicit
+        # what resolves imports: the cached Lightning file gives the shipped weights
+        pub.import_checkpoint(pub.resolve_published("P_universal", download=False), tmp_path / "p.pt")
+        a = torch.load(tmp_path / "p.pt", weights_only=True)["model"]
+        b = torch.load(pub.shipped_model("P_universal"), weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in b)
+        # a cached file with the wrong bytes is passed over for the shipped copy
+        cached.write_bytes(b"tampered")
+        assert pub.resolve_published("P_universal", download=False) == pub.shipped_model("P_universal")
+    # against the real published digest, the test file in the cache is not the published one either
     shutil.copyfile(src, cached)
-    assert pub.resolve_published("P_universal", download=False) == cached
-    # 1. ... and an explicit path before both
-    assert pub.resolve_published("P_universal", explicit=explicit, download=False) == explicit
-    # a cached file with the wrong bytes is passed over for the shipped copy
-    cached.write_bytes(b"tampered")
     assert pub.resolve_published("P_universal", download=False) == pub.shipped_model("P_universal")
 
 
