@@ -54,6 +54,44 @@ def test_every_compound_cited_with_year_and_finite_values(entries):
         assert e.confidence in panel.CONFIDENCES, e.id
 
 
+def test_every_compound_has_a_doi(entries):
+    for e in entries:
+        assert e.doi.startswith("10."), e.id
+
+
+def test_two_point_activation_energies_are_marked_and_consistent(entries):
+    """LiMgPO4 and Li6SiO4Cl2 have no published E_A: theirs is the ln(sigma) slope through the two
+    compiled (sigma, T) points, and the note says so."""
+    k_b = 8.617333e-5  # eV/K
+    points = {"panel-LiMgPO4": ((6.3e-12, 298.15), (4.7e-10, 363.15)),
+              "panel-Li6SiO4Cl2": ((1.0e-10, 298.15), (6.2e-6, 575.15))}
+    by_id = {e.id: e for e in entries}
+    for pid, ((s1, t1), (s2, t2)) in points.items():
+        e = by_id[pid]
+        assert "not a published value" in e.note and "two-point" in e.note, pid
+        assert e.sigma_rt_S_cm == pytest.approx(s1), pid
+        slope = k_b * math.log(s2 / s1) / (1.0 / t1 - 1.0 / t2)
+        assert e.E_A_eV == pytest.approx(slope, abs=0.01), pid
+
+
+def test_display_names_and_literature_plot_labels():
+    """spearman_literature.png labels panel compounds by panel name, not pymatgen's reduced formula
+    (which merges beta- and gamma-Li3PS4 and writes LGPS as Li10Ge(PS6)2); other rows keep theirs."""
+    import pandas as pd
+
+    from liflow_screen.report.plots import _point_labels
+
+    names = panel.display_names()
+    assert set(names) == {e.id for e in panel.load_panel()}
+    assert names["panel-Li3PS4-beta"] == "β-Li3PS4" and names["panel-Li3PS4-gamma"] == "γ-Li3PS4"
+    assert names["panel-Li10GeP2S12"] == "Li10GeP2S12" and names["panel-Li3BN2-alpha"] == "α-Li3BN2"
+    rows = pd.DataFrame({"id": ["panel-Li3PS4-beta", "panel-Li3PS4-gamma", "panel-Li10GeP2S12", "my-cif-1"],
+                         "formula": ["Li3PS4", "Li3PS4", "Li10Ge(PS6)2", "LiFePO4"]})
+    labels = _point_labels(rows)
+    assert labels[0] != labels[1]
+    assert labels == ["β-Li3PS4", "γ-Li3PS4", "Li10GeP2S12", "LiFePO4"]
+
+
 def test_elements_inside_universal_table(entries, built):
     assert set(panel.UNIVERSAL_ELEMENTS) == TABLE
     for e in entries:

@@ -136,6 +136,15 @@ def arrhenius_plots(ranking: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]]
     return paths
 
 
+def _point_labels(rows: pd.DataFrame) -> list[str]:
+    """Point labels of the literature plot: a validation-panel compound by its panel name (β- and
+    γ-Li3PS4 stay apart, LGPS reads Li10GeP2S12), any other row (a user CIF) by its formula."""
+    from ..structures.panel import display_names
+
+    names = display_names()
+    return [names.get(i, f) for i, f in zip(rows["id"].astype(str), rows["formula"].astype(str))]
+
+
 def literature_plot(ranking: pd.DataFrame, literature: pd.DataFrame, spearman: pd.DataFrame, path: Path,
                     prov: dict[str, Any], target_T: float = 300.0) -> Path:
     """Predicted σ(``target_T``) against the literature room-temperature σ (S/cm), log-log.
@@ -170,7 +179,7 @@ def literature_plot(ranking: pd.DataFrame, literature: pd.DataFrame, spearman: p
                     label=f"ranked: median, 95 % interval (n={len(ranked)})")
         ax.scatter(x, ranked[q_col].to_numpy(float), marker="o", facecolors="none", edgecolors="C0", s=30,
                    label="ranked by: 2.5 % quantile")
-        for xi, yi, name in zip(x, y, ranked["formula"].astype(str)):
+        for xi, yi, name in zip(x, y, _point_labels(ranked)):
             ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ys = [v for v in np.concatenate([y, lo, ranked[q_col].to_numpy(float)]) if np.isfinite(v) and v > 0]
     lit_all = lit.loc[rk["id"].astype(str)].to_numpy(float) if len(rk) else np.array([])
@@ -179,7 +188,7 @@ def literature_plot(ranking: pd.DataFrame, literature: pd.DataFrame, spearman: p
         x = lit.loc[slow["id"].astype(str)].to_numpy(float)
         ax.scatter(x, np.full(x.shape, floor), marker="v", facecolors="none", edgecolors="C3", s=40,
                    label=f"unresolved: ranked below every resolved row (n={len(slow)})")
-        for xi, name in zip(x, slow["formula"].astype(str)):
+        for xi, name in zip(x, _point_labels(slow)):
             ax.annotate(name, (xi, floor), fontsize=6, rotation=90, xytext=(0, -4), textcoords="offset points",
                         ha="center", va="top", color="C3")
         ax.axhline(floor * 3.0, color="0.7", lw=0.6, ls=":")

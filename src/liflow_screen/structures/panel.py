@@ -362,6 +362,22 @@ def load_panel() -> list[PanelEntry]:
     return list(_packaged())
 
 
+#: Phase suffixes of panel ids and the prefix they are displayed with (``panel-Li3PS4-beta`` -> β-Li3PS4).
+_PHASE_PREFIX: dict[str, str] = {"alpha": "α", "beta": "β", "gamma": "γ"}
+
+
+def display_names() -> dict[str, str]:
+    """Display name per packaged panel id: the id without ``panel-``, a phase suffix written as its
+    Greek prefix (``panel-Li3PS4-beta`` -> ``β-Li3PS4``, ``panel-Li10GeP2S12`` -> ``Li10GeP2S12``).
+    For plot labels, where pymatgen's reduced formula would merge polymorphs."""
+    names: dict[str, str] = {}
+    for e in load_panel():
+        stem = e.id.removeprefix("panel-")
+        head, _, phase = stem.rpartition("-")
+        names[e.id] = f"{_PHASE_PREFIX[phase]}-{head}" if head and phase in _PHASE_PREFIX else stem
+    return names
+
+
 def panel_structures(ids: list[str] | None = None) -> list[tuple[str, Structure, str, str]]:
     """(id, ordered unit-cell Structure, source note, transport class) per panel compound.
 
