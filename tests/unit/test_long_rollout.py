@@ -156,3 +156,66 @@ def test_supercell_rollout_streamed_with_label_priors(own_dataset, tmp_path) -> 
         return float(np.sqrt(((b - a)[li] ** 2).sum(-1).mean()))
 
     assert li_step(f900) > 3 * li_step(f600)
+
+
+def _stage_run(d, cfg, tmp_path, name: str, rollout: dict):
+    """Run the rollout stage on the own dataset (LiCl, 600 / 900 K) with ``rollout`` settings."""
+    from liflow_screen.stages import run_rollout as stage
+
+    s = make_settings(config.deep_merge(cfg, {"rollout": {"temperatures": [600, 900], "n_flow": 2,
+                                                          "prior_selection": "slow", **rollout}}))
+    if not (tmp_path / "P.pt").exists():
+        adaptive = {"kind": "adaptive", "prior_li": [1.0, 10.0], "prior_frame": [0.5, 0.5]}
+        _checkpoint(tmp_path / "P.pt", "propagator", adaptive, 1, s.dataset.delta_tau_ps)
+        _checkpoint(tmp_path / "C.pt", "corrector", {"kind": "uniform", "scale": 0.1, "sigma_max": 0.1}, 2,
+                    s.dataset.delta_tau_ps)
+    out = tmp_path / name
+    stage.run(s, d / "manifest.parquet", d / "dataset" / layout.STRUCTURES, None, tmp_path / "P.pt",
+              tmp_path / "C.pt", "adaptive", 0, out)
+    status = schema.read_df(out / layout.STATUS, "status")
+    frames = {T: schema.read_df(layout.frames_file(out, T), "frames") for T in (600, 900)}
+    return s, out, status, frames
+
+
+def test_replicas_and_extension_rounds(own_dataset, tmp_path) -> None:
+    """Two replicas per (structure, T), small priors (Li barely moves: unresolved), extension in rounds
+    of 3 steps up to 9: every replica's frames are 0..n once each, the replicas are different
+    trajectories, an extended replica 0 is exactly the uninterrupted 9-step rollout of the same seed
+    stream (bit for bit on one machine), and a budget of one round goes to the hottest temperature."""
+    from liflow_screen.report.trajectory import li_resolution
+
+    d, cfg = own_dataset
+    s, out, status, frames = _stage_run(d, cfg, tmp_path, "ext", {"n_steps": 3, "replicas": 2, "max_steps": 9,
+                                                                   "extend_steps": 3})
+    assert sorted(status["replica"]) == [0, 0, 1, 1] and set(status["status"]) == {"ok"}
+    cell = schema.read_df(out / layout.STRUCTURES, "structures").iloc[0]
+    for T in (600, 900):
+        st = status[status["temperature"] == T]
+        assert st["n_frames"].nunique() == 1  # replicas extend together
+        n = int(st["n_frames"].iloc[0])
+        assert (n - 1) in (3, 6, 9)
+        reps = []
+        for r in (0, 1):
+            fr = frames[T][frames[T]["replica"] == r].sort_values("frame")
+            assert fr["frame"].tolist() == list(range(n))
+            np.testing.assert_allclose(fr["time_ps"].to_numpy(), np.arange(n) * s.dataset.delta_tau_ps, rtol=1e-6)
+            reps.append(np.stack([np.asarray(p).reshape(-1, 3) for p in fr["positions"]]).astype(float))
+        assert not np.allclose(reps[0][1], reps[1][1])  # independent streams
+        res, _, _ = li_resolution(reps, np.arange(n) * s.dataset.delta_tau_ps, np.asarray(cell["numbers"]),
+                                  np.asarray(cell["cell"]))
+        assert res["resolved"] or n - 1 == 9  # stopped only when resolved or at max_steps
+    # replica 0, extended in rounds, is the uninterrupted rollout of its stream
+    _, _, st1, fr1 = _stage_run(d, cfg, tmp_path, "one", {"n_steps": 9, "replicas": 1})
+    # (small priors: Li rattle on their sites, nothing resolves in 9 steps, both temperatures reach 9)
+    assert status["n_frames"].tolist() == [10, 10, 10, 10]
+    a = frames[900][frames[900]["replica"] == 0].sort_values("frame")
+    b = fr1[900].sort_values("frame")
+    assert len(a) == len(b) == 10
+    for pa, pb in zip(a["positions"], b["positions"]):
+        np.testing.assert_array_equal(np.asarray(pa), np.asarray(pb))
+    # a budget of one round (2 replicas x 3 steps x Δτ) is spent on the hottest unresolved pair only
+    dt = s.dataset.delta_tau_ps
+    _, _, st2, _ = _stage_run(d, cfg, tmp_path, "budget", {"n_steps": 3, "replicas": 2, "max_steps": 9,
+                                                          "extend_steps": 3, "extend_budget_ps": 2 * 3 * dt * 1.01})
+    n = st2.groupby("temperature")["n_frames"].max()
+    assert n[600] == 4 and n[900] == 7

@@ -12,7 +12,7 @@ from liflow_screen.core.geometry import center_of_mass
 from liflow_screen.flow.graph import GraphBatch, make_batch
 from liflow_screen.flow.painn import Conditioning, FlowModel
 from liflow_screen.flow.priors import counter_normal, prior_sigma
-from liflow_screen.flow.engine import frame_rows, rollout, rollout_status_rows, subset_batch
+from liflow_screen.flow.engine import frame_rows, rollout, subset_batch
 
 SMALL = dict(features=16, radial=8, layers=2)
 
@@ -213,10 +213,11 @@ def test_rows_match_schema_and_bad_input() -> None:
     np.testing.assert_array_equal(rows[2]["positions"], stored.positions[2, :8].numpy().ravel())
     table = schema.to_table(rows, "frames")
     assert table.schema.equals(schema.FRAMES) and table.num_rows == 4
-    status = rollout_status_rows(res, ["a", "b"], [700.0, 1234.0], "liflow:adaptive", 1.0, split="test")
-    assert [s["status"] for s in status] == ["ok", "diverged"]
-    assert [s["n_frames"] for s in status] == [3, 1] and status[0]["duration_ps"] == 2.0
-    assert schema.to_table(status, "status").num_rows == 2
+    assert res.diverged.tolist() == [False, True] and res.n_ok_steps.tolist() == [2, 0]
+    status = [schema.status_row(i, T, "test", "liflow:adaptive", "diverged" if bad else "ok", why, int(n) + 1, float(n))
+              for i, T, bad, why, n in zip("ab", (700.0, 1234.0), res.diverged.tolist(), res.reason, res.n_ok_steps)]
+    table = schema.to_table(status, "status")
+    assert table.num_rows == 2 and table.column("replica").to_pylist() == [0, 0]
     with pytest.raises(InputError):
         rollout(FlowModel(**SMALL), None, g, sp[:3], None, n_steps=1, n_flow=1, generator=gens(1, 2))
     with pytest.raises(InputError):

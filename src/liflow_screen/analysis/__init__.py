@@ -8,6 +8,8 @@ Modules: :mod:`.displacement` (checks, MSD, is diffusion resolved), :mod:`.diffu
 from ..core.constants import A2_PER_PS_TO_CM2_PER_S, E_CHARGE, K_B_EV, K_B_J
 from .displacement import (
     species_mask,
+    as_replicas,
+    molecular_centres,
     frame_step_ps,
     msd_single_origin,
     msd_multi_origin,
@@ -53,6 +55,8 @@ __all__ = [
     "K_B_EV",
     "K_B_J",
     "species_mask",
+    "as_replicas",
+    "molecular_centres",
     "frame_step_ps",
     "msd_single_origin",
     "msd_multi_origin",

@@ -151,6 +151,8 @@ def arrhenius_fit_censored(
     bound_sigma_ln: float = ARRHENIUS_BOUND_SIGMA_LN,
     p_min: float = ARRHENIUS_P_MIN,
     n_grid: tuple[int, int] = (801, 401),
+    n_draws: int = 0,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, Any]:
     """Bayesian Arrhenius fit ln D(T) = ln D0 − E_A/(k_B T) with upper bounds as censored data.
 
@@ -195,7 +197,10 @@ def arrhenius_fit_censored(
     temperatures, method "censored-grid", extrapolated) plus status ("ok" | "non-Arrhenius" |
     "insufficient"), reason, n_bounds, bound_T, resolved_T, level, deviance, deviance_max, p_value,
     E_A_map, ln_D0_map (best admissible line), conflicts (temperatures, K, that disagree) and
-    resolved_only (:func:`arrhenius_fit` of the resolved points alone).
+    resolved_only (:func:`arrhenius_fit` of the resolved points alone). With ``n_draws`` > 0 also
+    ``draws_E_A`` (eV) and ``draws_ln_D0`` (ln cm²/s): that many posterior draws of the line (grid
+    cells drawn by their mass from ``rng``, uniform within the cell), for joint statements over
+    several fits (rank intervals).
     """
     from scipy import special, stats
 
@@ -288,6 +293,14 @@ def arrhenius_fit_censored(
     lnd0_q = _weighted_quantiles(AA + EE * x_ref, wts, (0.5,))
     lnt_q = _weighted_quantiles(AA - EE * (xt - x_ref), wts, (q_lo, 0.5, q_hi))
     p = float(stats.chi2.sf(dev, dof))
+    if n_draws > 0:
+        gen = rng if rng is not None else np.random.default_rng(0)
+        cells = gen.choice(EE.size, size=int(n_draws), p=wts / wts.sum())
+        ce = (box[1] - box[0]) / int(n_grid[0])
+        ca = (box[3] - box[2]) / int(n_grid[1])
+        e_d = EE[cells] + (gen.random(int(n_draws)) - 0.5) * ce
+        a_d = AA[cells] + (gen.random(int(n_draws)) - 0.5) * ca
+        out["draws_E_A"], out["draws_ln_D0"] = e_d, a_d + e_d * x_ref
     out.update({"E_A": e_q[1], "E_A_low": e_q[0], "E_A_high": e_q[2], "ln_D0": lnd0_q[0],
                 "D0": math.exp(lnd0_q[0]), "D_target": math.exp(lnt_q[1]), "D_target_low": math.exp(lnt_q[0]),
                 "D_target_high": math.exp(lnt_q[2]), "deviance": dev,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from .displacement import _as_cell, _as_traj, species_mask, frame_step_ps
+from .displacement import _as_cell, as_replicas, species_mask, frame_step_ps
 
 # --------------------------------------------------------------------------------------------
 # self-diffusion: kinisi (Bayesian) with a coarse dt grid
@@ -85,7 +85,7 @@ KINISI_MAX_SPAN = 1e3
 
 
 def kinisi_diffusion(
-    pos: np.ndarray,
+    pos: np.ndarray | list[np.ndarray],
     times_ps: np.ndarray,
     numbers: np.ndarray,
     cell: np.ndarray,
@@ -105,6 +105,16 @@ def kinisi_diffusion(
     passed unwrapped, exactly (see ``_unwrapped_parser_class``); with ``drift_correction`` the
     mean displacement of the other atoms (the framework) is subtracted, kinisi's default.
 
+    Replicas (``pos`` a list of (F, n, 3) trajectories from the same start, or (R, F, n, 3)): one
+    posterior from all of them jointly, as kinisi's ``dtype='identical'`` does: each replica's
+    drift-corrected displacements become extra particles (framework drift removed per replica);
+    replicas are never joined in time. Trajectories are cut to the shortest replica.
+
+    Frame 0 is used once. kinisi 2.1's own ASE/pymatgen parsers prepend a copy of the first frame,
+    so that ``calculate_msd`` adds to every lag one observation spanning one frame less (biased low at
+    the longest lags); ``_unwrapped_parser_class`` takes the frames as given, and
+    tests/unit/test_replicas.py checks kinisi's MSD here against an independent multi-origin MSD.
+
     Returns a dict: ``D`` (posterior median), ``D_low``, ``D_high`` (2.5 / 97.5 percentiles),
     ``D_mean``, ``constrained``, ``note``, ``method`` ("kinisi"), ``start_dt_ps``, ``n_dt``,
     ``n_atoms``. No other estimator ever stands in: if kinisi raises, or its posterior is
@@ -112,9 +122,12 @@ def kinisi_diffusion(
     values are NaN (D_high keeps kinisi's 97.5 % quantile when there is one) and ``note`` says why.
     Bad input raises InputError before any fitting.
     """
-    x = _as_traj(pos)
+    reps = as_replicas(pos)
+    x = reps[0]
     c = _as_cell(cell)
     t = np.asarray(times_ps, dtype=np.float64)
+    if t.ndim == 1 and t.shape[0] > x.shape[0]:
+        t = t[: x.shape[0]]  # replicas cut to the shortest
     if t.shape != (x.shape[0],):
         raise InputError(f"times_ps must have shape ({x.shape[0]},), got {t.shape}")
     if x.shape[0] < 4:
@@ -133,9 +146,9 @@ def kinisi_diffusion(
     start = float(lag_times[i0])
     out = {"D": math.nan, "D_low": math.nan, "D_high": math.nan, "D_mean": math.nan, "method": "kinisi",
            "constrained": False, "note": "", "start_dt_ps": start, "n_dt": int(lags.size),
-           "n_atoms": int(mask.sum())}
+           "n_atoms": int(mask.sum()), "n_replicas": len(reps)}
     try:
-        samples = _kinisi_samples(x, c, nums, species, step, lags, start, n_samples, seed, drift_correction)
+        samples = _kinisi_samples(reps, c, nums, species, step, lags, start, n_samples, seed, drift_correction)
     except Exception as exc:  # kinisi / emcee / scipp failures: no number, the reason recorded
         msg = str(exc).splitlines()[0] if str(exc) else ""
         out["note"] = f"kinisi failed ({type(exc).__name__}: {msg})"
@@ -149,26 +162,41 @@ def kinisi_diffusion(
     return out
 
 
-def _kinisi_samples(x: np.ndarray, cell: np.ndarray, numbers: np.ndarray, species: str, step: float,
-                    lags: np.ndarray, start: float, n_samples: int, seed: int,
-                    drift_correction: bool) -> np.ndarray:
-    """Posterior samples of D* (cm²/s) from kinisi for an unwrapped trajectory."""
+def kinisi_parser(reps: list[np.ndarray], cell: np.ndarray, numbers: np.ndarray, species: str, step: float,
+                  lags: np.ndarray, drift_correction: bool = True) -> Any:
+    """A kinisi parser of unwrapped replica trajectories (Å, frames ``step`` ps apart) on the lag grid
+    ``lags`` (frames): one parser per replica, their drift-corrected displacements of ``species``
+    concatenated as extra particles (what kinisi's analyzers do for ``dtype='identical'``)."""
     import scipp as sc
-    from kinisi.analyze import DiffusionAnalyzer
-    from kinisi.displacement import calculate_msd
 
     parser_cls = _unwrapped_parser_class()
-    n_frames = x.shape[0]
-    coords = sc.array(dims=["time", "particle", "dimension"], values=x, unit=sc.units.angstrom)
-    latt = sc.array(dims=["time", "dimension1", "dimension2"],
-                    values=np.broadcast_to(cell, (n_frames, 3, 3)).copy(), unit=sc.units.angstrom)
     mask = species_mask(numbers, species)
     spec_idx = sc.array(dims=["particle"], values=np.flatnonzero(mask))
     drift_idx = sc.array(dims=["particle"], values=np.flatnonzero(~mask) if drift_correction else np.array([], int))
     dt = sc.array(dims=["time interval"], values=lags.astype(np.float64) * step, unit="ps")
-    parser = parser_cls(coords=coords, latt=latt, time_step=sc.scalar(step, unit="ps"),
-                        step_skip=sc.scalar(1, unit=sc.units.dimensionless), dt=dt,
-                        specie_indices=spec_idx, drift_indices=drift_idx)
+    parsers = []
+    for x in reps:
+        coords = sc.array(dims=["time", "particle", "dimension"], values=x, unit=sc.units.angstrom)
+        latt = sc.array(dims=["time", "dimension1", "dimension2"],
+                        values=np.broadcast_to(cell, (x.shape[0], 3, 3)).copy(), unit=sc.units.angstrom)
+        parsers.append(parser_cls(coords=coords, latt=latt, time_step=sc.scalar(step, unit="ps"),
+                                  step_skip=sc.scalar(1, unit=sc.units.dimensionless), dt=dt,
+                                  specie_indices=spec_idx, drift_indices=drift_idx))
+    p = parsers[0]
+    if len(parsers) > 1:
+        p.displacements = sc.concat([q.displacements for q in parsers], "particle")
+    return p
+
+
+def _kinisi_samples(reps: list[np.ndarray], cell: np.ndarray, numbers: np.ndarray, species: str, step: float,
+                    lags: np.ndarray, start: float, n_samples: int, seed: int,
+                    drift_correction: bool) -> np.ndarray:
+    """Posterior samples of D* (cm²/s) from kinisi for unwrapped replica trajectories (pooled)."""
+    import scipp as sc
+    from kinisi.analyze import DiffusionAnalyzer
+    from kinisi.displacement import calculate_msd
+
+    parser = kinisi_parser(reps, cell, numbers, species, step, lags, drift_correction)
     analyzer = DiffusionAnalyzer(parser)
     analyzer._dg = calculate_msd(parser, progress=False)  # what DiffusionAnalyzer.from_ase does
     state = np.random.get_state()  # kinisi seeds numpy's global RNG: restore it afterwards

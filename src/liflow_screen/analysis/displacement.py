@@ -33,6 +33,22 @@ def _as_traj(pos: np.ndarray) -> np.ndarray:
     return arr
 
 
+def as_replicas(pos: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Replica trajectories of one (structure, T): an (F, n, 3) array (one replica), an (R, F, n, 3)
+    array or a sequence of (F_r, n, 3) arrays, as float64 (F, n, 3) arrays cut to the shortest F (Å).
+    Replicas are independent trajectories from the same start; pooled statistics treat their atoms
+    as extra particles (never as a continuation in time)."""
+    if isinstance(pos, np.ndarray) and pos.ndim == 3:
+        return [_as_traj(pos)]
+    reps = [_as_traj(p) for p in pos]
+    if not reps:
+        raise InputError("no replica trajectories")
+    if len({r.shape[1] for r in reps}) != 1:
+        raise InputError("replicas have different atom counts")
+    f = min(r.shape[0] for r in reps)
+    return [r[:f] for r in reps]
+
+
 def _as_mask(mask: np.ndarray | Sequence[bool], n: int) -> np.ndarray:
     m = np.asarray(mask, dtype=bool)
     if m.shape != (n,):
@@ -181,23 +197,26 @@ CONTINUOUS_ALPHA2 = 0.3
 FRAME_MELT_FRACTION = 0.5
 
 
-def excess_msd(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
+def excess_msd(pos: np.ndarray | Sequence[np.ndarray], times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
                plateau_ps: float = PLATEAU_PS) -> dict[str, float]:
     """MSD in excess of the vibrational plateau, measured from the trajectory itself.
 
     With the multi-origin MSD(lag) of the atoms in ``mask``: plateau = MSD at the first lag >=
     ``plateau_ps`` (at least one frame), end = MSD at the full length; excess = end - plateau (Å²)
     over ``tau_obs_ps`` = length - plateau lag. Returns plateau, end, excess (Å²), tau_obs_ps,
-    plateau_lag_ps. Fewer than two usable lags give NaN excess and tau_obs_ps 0.
+    plateau_lag_ps. Fewer than two usable lags give NaN excess and tau_obs_ps 0. ``pos``: one
+    trajectory or its replicas (:func:`as_replicas`; the MSD is pooled over their atoms).
     """
-    x = _as_traj(pos)
+    reps = as_replicas(pos)
+    x = reps[0]
     m = _as_mask(mask, x.shape[1])
-    t = np.asarray(times_ps, dtype=np.float64)
+    t = np.asarray(times_ps, dtype=np.float64)[: x.shape[0]]
     nan = {"plateau": math.nan, "end": math.nan, "excess": math.nan, "tau_obs_ps": 0.0, "plateau_lag_ps": math.nan}
     if x.shape[0] < 3:
         return nan
     step = frame_step_ps(t)
-    lags, msd = msd_multi_origin(x, m)
+    lags = msd_multi_origin(x, m)[0]
+    msd = np.mean([msd_multi_origin(r, m)[1] for r in reps], axis=0)
     k = max(1, int(math.ceil(plateau_ps / step - 1e-9)))
     if k >= lags[-1]:
         return nan
@@ -216,15 +235,19 @@ def hop_length(positions: np.ndarray, cell: np.ndarray, numbers: np.ndarray, z: 
     return shortest_distance(positions, cell, mask, cutoff=cutoff)
 
 
-def diffusion_resolution(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
-                         hop_A: float, plateau_ps: float = PLATEAU_PS) -> dict[str, Any]:
-    """Whether a trajectory resolves diffusion of the atoms in ``mask``, and the bound if it does not.
+def diffusion_resolution(pos: np.ndarray | Sequence[np.ndarray], times_ps: np.ndarray,
+                         mask: np.ndarray | Sequence[bool], hop_A: float, plateau_ps: float = PLATEAU_PS
+                         ) -> dict[str, Any]:
+    """Whether a trajectory (or its replicas, pooled) resolves diffusion of the atoms in ``mask``, and
+    the bound if it does not.
 
     Rule: resolved when the MSD in excess of the vibrational plateau (:func:`excess_msd`) reaches
     one hop length squared, excess >= a², with a = ``hop_A`` (Å): on average one jump per atom. Then
     D* can be fitted. Otherwise the trajectory only bounds it: fewer than one hop-length² of excess
     MSD in tau_obs means D* < a² / (6 tau_obs) (the "hop" resolution bound, cm²/s).
-    Returns resolved, excess (Å²), plateau (Å²), tau_obs_ps, hop_A, bound (cm²/s), reason.
+    Returns resolved, excess (Å²), plateau (Å²), tau_obs_ps, hop_A, bound (cm²/s: the resolution
+    floor a² / (6 tau_obs), also given when resolved), reason. Replicas pool their atoms: the excess
+    is their mean, less noisy than one trajectory's, but the floor only falls with tau_obs.
     """
     e = excess_msd(pos, times_ps, mask, plateau_ps)
     out = {"resolved": False, "excess": e["excess"], "plateau": e["plateau"], "tau_obs_ps": e["tau_obs_ps"],
@@ -241,23 +264,24 @@ def diffusion_resolution(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray
     return out
 
 
-def site_occupancy(pos: np.ndarray, cell: np.ndarray, mask: np.ndarray | Sequence[bool], radius_A: float,
-                   first: float = 0.5) -> float:
+def site_occupancy(pos: np.ndarray | Sequence[np.ndarray], cell: np.ndarray, mask: np.ndarray | Sequence[bool],
+                   radius_A: float, first: float = 0.5) -> float:
     """Fraction of positions of the ``mask`` atoms, over the last ``1 - first`` of the frames, that lie
-    within ``radius_A`` Å of one of their species' sites in frame 0 (periodic minimum image)."""
-    x = _as_traj(pos)
-    m = _as_mask(mask, x.shape[1])
+    within ``radius_A`` Å of one of their species' sites in frame 0 (periodic minimum image); pooled
+    over replicas (:func:`as_replicas`), each judged against its own frame 0."""
     c = _as_cell(cell)
     inv = np.linalg.inv(c)
-    sites = x[0, m]
     hits, total = 0, 0
-    for frame in x[int(math.floor(first * (x.shape[0] - 1))) + 1:] if x.shape[0] > 1 else x:
-        d = frame[m][:, None, :] - sites[None, :, :]            # (n, sites, 3)
-        f = d @ inv
-        d = (f - np.round(f)) @ c
-        near = (np.einsum("abk,abk->ab", d, d).min(axis=1) <= radius_A ** 2)
-        hits += int(near.sum())
-        total += near.size
+    for x in as_replicas(pos):
+        m = _as_mask(mask, x.shape[1])
+        sites = x[0, m]
+        for frame in x[int(math.floor(first * (x.shape[0] - 1))) + 1:] if x.shape[0] > 1 else x:
+            d = frame[m][:, None, :] - sites[None, :, :]            # (n, sites, 3)
+            f = d @ inv
+            d = (f - np.round(f)) @ c
+            near = (np.einsum("abk,abk->ab", d, d).min(axis=1) <= radius_A ** 2)
+            hits += int(near.sum())
+            total += near.size
     return hits / total if total else math.nan
 
 
@@ -275,42 +299,103 @@ def remove_framework_drift(pos: np.ndarray, frame_mask: np.ndarray | Sequence[bo
     return x - drift[:, None, :]
 
 
-def non_gaussian_parameter(pos: np.ndarray, times_ps: np.ndarray, mask: np.ndarray | Sequence[bool],
-                           lag_ps: float = NON_GAUSSIAN_LAG_PS) -> float:
+def non_gaussian_parameter(pos: np.ndarray | Sequence[np.ndarray], times_ps: np.ndarray,
+                           mask: np.ndarray | Sequence[bool], lag_ps: float = NON_GAUSSIAN_LAG_PS) -> float:
     """Non-Gaussian parameter α2 = 3⟨Δr⁴⟩ / (5⟨Δr²⟩²) − 1 of the ``mask`` atoms' displacements over
     the smallest lag >= ``lag_ps`` (ps), averaged over every time origin (Rahman 1964).
 
     0 for Gaussian displacements (harmonic vibration, continuous Brownian motion); clearly > 0 when
     atoms jump between sites and rest in between. NaN when the trajectory is shorter than the lag.
+    Replicas (:func:`as_replicas`) pool their displacements.
     """
-    x = _as_traj(pos)
-    m = _as_mask(mask, x.shape[1])
-    step = frame_step_ps(np.asarray(times_ps, dtype=np.float64))
+    reps = as_replicas(pos)
+    m = _as_mask(mask, reps[0].shape[1])
+    step = frame_step_ps(np.asarray(times_ps, dtype=np.float64)[: reps[0].shape[0]])
     k = max(1, int(math.ceil(lag_ps / step - 1e-6)))
-    if k >= x.shape[0] or not m.any():
+    if k >= reps[0].shape[0] or not m.any():
         return math.nan
-    d = x[k:, m] - x[:-k, m]
-    r2 = np.einsum("tak,tak->ta", d, d)
+    r2 = np.concatenate([np.einsum("tak,tak->ta", x[k:, m] - x[:-k, m], x[k:, m] - x[:-k, m]) for x in reps])
     m2 = float(r2.mean())
     return 3.0 * float((r2 ** 2).mean()) / (5.0 * m2 ** 2) - 1.0 if m2 > 0 else math.nan
 
 
-def framework_melt_ratio(pos: np.ndarray, times_ps: np.ndarray, numbers: np.ndarray, cell: np.ndarray,
-                         frame_mask: np.ndarray | Sequence[bool], plateau_ps: float = PLATEAU_PS) -> float:
+def framework_melt_ratio(pos: np.ndarray | Sequence[np.ndarray], times_ps: np.ndarray, numbers: np.ndarray,
+                         cell: np.ndarray, frame_mask: np.ndarray | Sequence[bool], plateau_ps: float = PLATEAU_PS
+                         ) -> float:
     """max over frame elements e of excess MSD_e / (FRAME_MELT_FRACTION · a_e)², with a_e the shortest
     e–e distance in frame 0 (Å). >= 1: on average the element's atoms have left their sites (halfway to
-    the nearest equivalent site and beyond): the framework melted or collapsed. NaN if no frame atoms."""
-    x = _as_traj(pos)
+    the nearest equivalent site and beyond): the framework melted or collapsed. NaN if no frame atoms.
+    Molecular anions (BH4⁻, AlH6³⁻, NH2⁻, ...: :func:`molecular_centres`) are judged by their centres,
+    so that their rotation, which moves the ligand H by ~1 Å, is not read as melting. Replicas
+    (:func:`as_replicas`) pool their atoms."""
+    reps = as_replicas(pos)
     nums = np.asarray(numbers, dtype=int)
     fm = np.asarray(frame_mask, dtype=bool)
+    reps, nums, fm = molecular_centres(reps, cell, nums, fm)
+    x = reps[0]
     ratios = []
     for z in sorted(set(nums[fm].tolist())):
         m = fm & (nums == z)
         a = hop_length(x[0], cell, nums, z)
-        e = excess_msd(x, times_ps, m, plateau_ps)
+        e = excess_msd(reps, times_ps, m, plateau_ps)
         if math.isfinite(e["excess"]) and a > 0:
             ratios.append(e["excess"] / (FRAME_MELT_FRACTION * a) ** 2)
     return float(max(ratios)) if ratios else math.nan
+
+
+#: Ligands of molecular anions: an atom of these elements bonded to a heavier non-Li atom (the centre)
+#: moves with it as one rigid unit that rotates (BH4⁻, AlH4⁻, AlH6³⁻, NH2⁻, OH⁻).
+MOLECULAR_LIGANDS = (1,)
+#: A ligand is bonded to its centre when their distance is below this factor times the sum of the
+#: covalent radii (ase.data.covalent_radii): B–H 1.19 Å vs 1.15 x 1.15 Å, Al–H 1.6 vs 1.74.
+BOND_FACTOR = 1.3
+
+
+def molecular_centres(reps: list[np.ndarray], cell: np.ndarray, numbers: np.ndarray, frame_mask: np.ndarray
+                      ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Replace each molecular anion by its centre of mass: ligand atoms (:data:`MOLECULAR_LIGANDS`)
+    within BOND_FACTOR x the covalent-radius sum of a heavier non-Li atom in frame 0 join that centre;
+    the centre atom's trajectory becomes the unit's mass-weighted centre (unwrapped, with each ligand's
+    frame-0 minimum-image offset) and the ligands leave the framework mask. Returns (replicas, numbers,
+    frame mask); unchanged when there are no such ligands. Units: Å."""
+    from ase.data import atomic_masses, covalent_radii
+
+    from ..core.constants import LI_Z
+
+    nums = np.asarray(numbers, dtype=int)
+    fm = np.asarray(frame_mask, dtype=bool).copy()
+    lig = np.flatnonzero(fm & np.isin(nums, MOLECULAR_LIGANDS))
+    heavy = np.flatnonzero(fm & ~np.isin(nums, MOLECULAR_LIGANDS) & (nums != LI_Z))
+    if lig.size == 0 or heavy.size == 0:
+        return reps, nums, fm
+    c = _as_cell(cell)
+    inv = np.linalg.inv(c)
+    x0 = reps[0][0]
+    d = x0[lig][:, None, :] - x0[heavy][None, :, :]
+    f = d @ inv
+    d = (f - np.round(f)) @ c                                    # (ligands, heavy, 3) minimum image
+    dist = np.linalg.norm(d, axis=-1)
+    cut = BOND_FACTOR * (covalent_radii[nums[lig]][:, None] + covalent_radii[nums[heavy]][None, :])
+    near = np.where(dist < cut, dist, np.inf)
+    best = np.argmin(near, axis=1)
+    bonded = np.isfinite(near[np.arange(lig.size), best])
+    if not bonded.any():
+        return reps, nums, fm
+    out = []
+    for x in reps:
+        y = x.copy()
+        for hc in np.unique(best[bonded]):
+            centre = heavy[hc]
+            members = np.flatnonzero(bonded & (best == hc))
+            m_c = atomic_masses[nums[centre]]
+            m_l = atomic_masses[nums[lig[members]]]
+            # ligand j: the centre's frame-0 position + its frame-0 minimum-image offset + its own
+            # (unwrapped) motion since frame 0, whatever periodic image its coordinates started in
+            pos_l = x[:1, [centre]] + d[members, hc][None] + (x[:, lig[members]] - x[:1, lig[members]])
+            y[:, centre] = (m_c * x[:, centre] + np.einsum("j,tjk->tk", m_l, pos_l)) / (m_c + m_l.sum())
+        out.append(y)
+    fm[lig[bonded]] = False
+    return out, nums, fm
 
 
 # --------------------------------------------------------------------------------------------

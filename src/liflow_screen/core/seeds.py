@@ -19,6 +19,15 @@ ROLLOUT = 1
 PILOT = 2
 
 
+def replica_stream(replica: int) -> tuple[int, ...]:
+    """Spawn key of replica ``replica`` (0, 1, ...) of a (structure, T) rollout: ``(ROLLOUT,)`` for
+    replica 0, ``(ROLLOUT, r)`` for r >= 1; every replica is an independent stream."""
+    r = int(replica)
+    if r < 0:
+        raise ValueError(f"replica must be >= 0, got {r}")
+    return (ROLLOUT,) if r == 0 else (ROLLOUT, r)
+
+
 def structure_key(sid: str) -> int:
     """Stable 64-bit key of a structure id (first 8 bytes of its SHA-256, little-endian)."""
     return int.from_bytes(hashlib.sha256(str(sid).encode()).digest()[:8], "little")

@@ -180,6 +180,15 @@ class RolloutSettings(_Section):
     chunk_size: int  # structures per rollout job
     max_step_displacement: float  # Å per Δτ step above which a structure diverged
     retries: int
+    replicas: int  # independent trajectories per (structure, T), pooled in the analysis
+    max_steps: int | None  # Δτ steps an unresolved trajectory may reach by extension; None = n_steps
+    extend_steps: int | None  # Δτ steps per extension round; None = n_steps
+    extend_budget_ps: float | None  # structure-ps per run for extensions (every replica counts); None = no cap
+
+    @property
+    def max_total_steps(self) -> int:
+        """The longest a trajectory may run, Δτ steps (max_steps, at least n_steps)."""
+        return max(self.n_steps, self.max_steps or self.n_steps)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 budget of atoms, each batch rolled out by :func:`.engine.rollout` with its own counter-based noise
 keys (a structure's trajectory does not depend on its batch, chunk or device).
 
-Jobs are ``(structure id, T in K, split)`` tuples; cells are STRUCTURES rows indexed by id (Å).
+Jobs are ``(structure id, T in K, split)`` tuples, or ``(structure id, T, split, replica)`` for the
+replicas of a rollout (``rollout.replicas``; a 3-tuple is replica 0); cells are STRUCTURES rows
+indexed by id (Å).
 """
 
 from __future__ import annotations
@@ -41,12 +43,21 @@ def rolled_out_structures(structs: pd.DataFrame, ids: list[str], reps: list[int]
     return sub
 
 
-def graph_of(structs: pd.DataFrame, batch: list[tuple[str, float, str]], device: Any):
-    """GraphBatch of the cells (``structs`` rows) of ``batch`` [(id, T K, split)]."""
+def replica_of(job: tuple) -> int:
+    """Replica index of a job (0 for a 3-tuple)."""
+    return int(job[3]) if len(job) > 3 else 0
+
+
+def graph_of(structs: pd.DataFrame, batch: list[tuple], device: Any,
+             positions: dict[tuple, np.ndarray] | None = None):
+    """GraphBatch of the cells (``structs`` rows) of ``batch`` [(id, T K, split[, replica])]; a job in
+    ``positions`` starts from those (n, 3) Å instead of the cell's own (a continued trajectory)."""
     from .graph import make_batch
 
     sts = [structs.loc[j[0]] for j in batch]
-    return make_batch([np.asarray(s["numbers"]) for s in sts], [np.asarray(s["positions"]).reshape(-1, 3) for s in sts],
+    pos = [np.asarray(positions[j] if positions is not None and j in positions else s["positions"]).reshape(-1, 3)
+           for j, s in zip(batch, sts)]
+    return make_batch([np.asarray(s["numbers"]) for s in sts], pos,
                       [np.asarray(s["cell"]).reshape(3, 3) for s in sts], [j[1] for j in batch], device=device)
 
 
@@ -84,7 +95,7 @@ def pack_batches(jobs: list[tuple[str, float, str]], n_atoms: dict[str, int], at
     """Group (structure, T, split) jobs into batches of at most ``atom_budget`` atoms (and at most
     ``max_structures`` jobs): jobs sorted by cell size (then id, T), so structures of similar size
     share a batch; a cell larger than the budget gets a batch of its own. Deterministic."""
-    order = sorted(jobs, key=lambda j: (n_atoms[j[0]], j[0], j[1]))
+    order = sorted(jobs, key=lambda j: (n_atoms[j[0]], j[0], j[1], replica_of(j)))
     batches: list[list[tuple[str, float, str]]] = []
     cur: list[tuple[str, float, str]] = []
     used = 0
@@ -102,14 +113,18 @@ def pack_batches(jobs: list[tuple[str, float, str]], n_atoms: dict[str, int], at
 
 def rollout_batches(settings: Settings, prop: Any, corr: Any, structs: pd.DataFrame,
                      jobs: list[tuple[str, float, str]], classes: dict[tuple[str, int], tuple[bool, bool]],
-                     n_steps: int, stream: int, device: Any, on_frame: Any = None):
+                     n_steps: int, stream: int, device: Any, on_frame: Any = None,
+                     start: dict[tuple, np.ndarray] | None = None, start_step: int = 0):
     """Yield (batch, RolloutResult, wall s) for ``jobs`` packed into batches of at most
     rollout.batch_atoms atoms (see :func:`pack_batches`, :func:`batch_atom_budget`).
 
     ``stream``: ``seeds.ROLLOUT`` or ``seeds.PILOT``, the child of each (seed, structure, T)
-    sequence the prior draws come from (independent of batching, chunking and device).
+    sequence the prior draws come from (independent of batching, chunking and device); a rollout
+    job's replica r draws from ``seeds.replica_stream(r)``.
     ``on_frame(batch, ptr, frame, positions, good)``: stream every frame (``ptr``: the batch's atom
     offsets; see ``flow.engine.rollout``).
+    ``start`` {job: (n, 3) Å} and ``start_step``: continue trajectories from their last frame, after
+    ``start_step`` steps already made (same seed stream; see ``flow.engine.rollout``).
     """
     import torch
 
@@ -126,15 +141,17 @@ def rollout_batches(settings: Settings, prop: Any, corr: Any, structs: pd.DataFr
                  ", ".join(str(sum(n_atoms[j[0]] for j in b)) for b in batches[:20]) + (" ..." if len(batches) > 20
                                                                                        else ""))
     for batch in batches:
-        g = graph_of(structs, batch, device)
+        g = graph_of(structs, batch, device, start)
         cls = [classes.get((j[0], int(round(j[1]))), (True, True)) for j in batch]
         li_slow = torch.as_tensor([c[0] for c in cls], device=device)
         fr_slow = torch.as_tensor([c[1] for c in cls], device=device)
         sig_p = (torch.zeros(g.pos.shape[0], device=device) if regressor
                  else prior_sigma_for(g, prop.liflow_meta["prior"], li_slow, fr_slow))
         sig_c = prior_sigma_for(g, corr.liflow_meta["prior"], li_slow, fr_slow) if corr is not None else None
-        keys = torch.tensor([seeds.rollout_key(settings.seed, sid, T, stream) for sid, T, _ in batch],
-                            dtype=torch.long)
+        keys = torch.tensor([seeds.rollout_key(settings.seed, j[0], j[1],
+                                               *(seeds.replica_stream(replica_of(j)) if stream == seeds.ROLLOUT
+                                                 else (stream,)))
+                             for j in batch], dtype=torch.long)
         t0 = time.perf_counter()
         ptr = g.ptr.tolist()
         sink = None if on_frame is None else (lambda f, x, ok, batch=batch, ptr=ptr: on_frame(batch, ptr, f, x, ok))
@@ -142,7 +159,7 @@ def rollout_batches(settings: Settings, prop: Any, corr: Any, structs: pd.DataFr
                       max_step_displacement=rc.max_step_displacement, retries=rc.retries,
                       regressor=regressor, progress=sink is not None, corrector_every=rc.corrector_every,
                       n_flow_corrector=rc.n_flow_corrector, on_frame=sink, precision=rc.precision,
-                      compile=rc.compile)
+                      compile=rc.compile, start_step=start_step)
         wall = time.perf_counter() - t0
         log.info("batch of %d pairs, %d atoms: %d steps in %.1f s (%.3f s per step, %.1f structure-steps/s)",
                  len(batch), g.pos.shape[0], n_steps, wall, wall / n_steps, len(batch) * n_steps / max(wall, 1e-9))

@@ -360,6 +360,7 @@ def rollout(
     edge_chunk: int | str | None = "auto",
     cuda_graphs: bool | str = "auto",
     compile: bool | str = "auto",
+    start_step: int = 0,
 ) -> RolloutResult:
     """Run Algorithm 1 for every graph of ``g0`` (initial positions X_0 in Å, temperatures in K).
 
@@ -375,6 +376,10 @@ def rollout(
     (N, 3) float32 Å positions of all graphs and the (G,) bool of graphs whose frame is a real one
     (False once a graph has diverged); the result then keeps only the final frame (streamed).
     ``progress``: a tqdm bar over the steps.
+    ``start_step``: continue a trajectory whose first ``start_step`` steps were already made (``g0``
+    holds its last frame): the noise counters and frame numbers go on from there, so n steps from
+    step k give exactly the frames k+1 ... k+n of one uninterrupted rollout with the same keys
+    (same seed stream; ``on_frame`` is then not called for the starting frame, which the caller has).
     Engine settings (the numbers do not depend on them, except ``precision``): ``precision``
     fp32 | tf32 | bf16 (see :class:`_Precision`); ``edge_chunk`` (see :func:`edge_chunk_policy`);
     ``cuda_graphs`` (auto = on CUDA): each flow integration (noise draw + ``n_flow`` evaluations)
@@ -384,6 +389,8 @@ def rollout(
     conditioning, one noise draw per model, one divergence check (one host sync) per step.
     """
     n_atoms, n_graphs = int(g0.pos.shape[0]), g0.n_graphs
+    if start_step < 0:
+        raise InputError(f"start_step must be >= 0 (got {start_step})")
     if n_steps < 1 or n_flow < 1:
         raise InputError(f"n_steps and n_flow must be >= 1 (got {n_steps}, {n_flow})")
     if retries < 0 or not max_step_displacement > 0:
@@ -422,7 +429,7 @@ def rollout(
     stream_out = on_frame is not None
     positions = torch.empty(1 if stream_out else n_steps + 1, n_atoms, 3, dtype=torch.float32)
     positions[0] = g0.pos.detach().to("cpu", torch.float32)
-    if stream_out:
+    if stream_out and start_step == 0:
         on_frame(0, positions[0].numpy(), np.ones(n_graphs, dtype=bool))
     n_ok = torch.zeros(n_graphs, dtype=torch.long)
     diverged = torch.zeros(n_graphs, dtype=torch.bool)
@@ -447,7 +454,8 @@ def rollout(
         return subsets[graphs]
 
     def propose(graphs: tuple[int, ...], step: int, attempt: int, correct: bool) -> tuple[Tensor, Tensor, GraphBatch]:
-        """X' (N_sub,3) for ``graphs`` from X_tau = x; returns (X', atom index, sub-batch)."""
+        """X' (N_sub,3) for ``graphs`` from X_tau = x; returns (X', atom index, sub-batch). ``step`` is
+        the trajectory's own step index (start_step included): it counts the noise."""
         nonlocal chunk_set
         sub, atoms, sp, sc, stream = sub_for(graphs)
         full = len(graphs) == n_graphs
@@ -485,10 +493,11 @@ def rollout(
                     break
                 pending = active
                 why: dict[int, str] = {}
-                correct = corrector is not None and (step + 1) % corrector_every == 0
+                tstep = step + start_step  # the trajectory's step index (noise counter, frame number)
+                correct = corrector is not None and (tstep + 1) % corrector_every == 0
                 for attempt in range(retries + 1):
                     try:
-                        x_new, atoms, sub = propose(pending, step, attempt, correct)
+                        x_new, atoms, sub = propose(pending, tstep, attempt, correct)
                     except Exception as exc:  # a failed compilation must not sink a screening run
                         if not (compile and _is_compile_failure(exc)):
                             raise
@@ -498,7 +507,7 @@ def rollout(
                         use_compiled_field(False)
                         runners["P"] = FlowRunner(propagator, n_flow, use_graphs and not regressor)
                         runners["C"] = FlowRunner(corrector, nfc, use_graphs) if corrector is not None else None
-                        x_new, atoms, sub = propose(pending, step, attempt, correct)
+                        x_new, atoms, sub = propose(pending, tstep, attempt, correct)
                     disp = torch.nan_to_num(torch.linalg.vector_norm(x_new - sub.pos, dim=-1), nan=float("inf"))
                     max_disp = torch.zeros(sub.n_graphs, device=dev).scatter_reduce(0, sub.batch, disp, reduce="amax",
                                                                                     include_self=True)
@@ -522,7 +531,7 @@ def rollout(
                         break
                 for k in pending:
                     diverged[k] = True
-                    reason[k] = f"diverged at step {step + 1}: {why[k]} (after {retries} retries)"
+                    reason[k] = f"diverged at step {tstep + 1}: {why[k]} (after {retries} retries)"
                 if pending:
                     active = tuple(k for k in active if k not in set(pending))
                 done = [k for k in active]
@@ -530,7 +539,7 @@ def rollout(
                 frame = x.detach().to("cpu", torch.float32)
                 if stream_out:
                     positions[0] = frame
-                    on_frame(step + 1, frame.numpy(), (~diverged).numpy())
+                    on_frame(tstep + 1, frame.numpy(), (~diverged).numpy())
                 else:
                     positions[step + 1] = frame
     finally:
@@ -548,28 +557,14 @@ def rollout(
 
 
 def frame_rows(frame: int, positions: np.ndarray, ptr: Sequence[int], graphs: Sequence[int], ids: Sequence[str],
-               temperatures: Sequence[float], source: str, dt_ps: float) -> list[dict]:
+               temperatures: Sequence[float], source: str, dt_ps: float,
+               replicas: Sequence[int] | None = None) -> list[dict]:
     """``schema.FRAMES`` rows of one frame of the given ``graphs`` (positions (N, 3) Å of the whole
-    batch, atom offsets ``ptr``); time_ps = frame * dt_ps. Each row also carries ``temperature``
-    (int K) for the caller's partitioning (``to_table`` ignores it); positions are copied."""
-    return [{"id": str(ids[k]), "source": source, "frame": int(frame), "time_ps": float(frame * dt_ps),
+    batch, atom offsets ``ptr``; ``replicas`` the replica of each graph, default 0); time_ps = frame *
+    dt_ps. Each row also carries ``temperature`` (int K) for the caller's partitioning (``to_table``
+    ignores it); positions are copied."""
+    return [{"id": str(ids[k]), "source": source, "replica": int(replicas[k]) if replicas is not None else 0,
+             "frame": int(frame), "time_ps": float(frame * dt_ps),
              "positions": np.array(positions[ptr[k]:ptr[k + 1]], dtype=np.float32).reshape(-1),
              "energy": None, "temperature_inst": None, "temperature": int(round(float(temperatures[k])))}
             for k in graphs]
-
-
-def rollout_status_rows(result: RolloutResult, ids: Sequence[str], temperatures: Sequence[float], source: str,
-                        dt_ps: float, split: str | Sequence[str] = "test", wall_s: float | None = None) -> list[dict]:
-    """``schema.STATUS`` rows, one per graph: status ok | diverged, n_frames, duration_ps.
-
-    ``wall_s`` defaults to the batched rollout's wall time shared equally by its graphs.
-    """
-    n_graphs = len(result.reason)
-    if len(ids) != n_graphs or len(temperatures) != n_graphs:
-        raise InputError(f"need {n_graphs} ids and temperatures, got {len(ids)} and {len(temperatures)}")
-    splits = [split] * n_graphs if isinstance(split, str) else list(split)
-    share = (result.wall_s if wall_s is None else wall_s) / n_graphs
-    return [schema.status_row(ids[k], temperatures[k], splits[k], source,
-                              "diverged" if bool(result.diverged[k]) else "ok", result.reason[k],
-                              int(result.n_ok_steps[k]) + 1, int(result.n_ok_steps[k]) * dt_ps, share)
-            for k in range(n_graphs)]

@@ -63,6 +63,7 @@ STRUCTURES = pa.schema([
 FRAMES = pa.schema([
     ("id", pa.string()),
     ("source", pa.string()),                # "md" or "liflow:<variant>"
+    ("replica", pa.int16()),                # independent trajectory r of this (id, T, source); 0 for MD
     ("frame", pa.int32()),                  # saved-frame index, 0 = initial
     ("time_ps", pa.float32()),
     ("positions", pa.list_(pa.float32())),  # Å, unwrapped Cartesian, flattened (n*3)
@@ -77,6 +78,7 @@ STATUS = pa.schema([
     ("temperature", pa.int32()),            # K
     ("split", pa.string()),
     ("source", pa.string()),
+    ("replica", pa.int16()),                # which replica trajectory (rollout.replicas); 0 for MD
     ("status", pa.string()),                # ok | exploded | nan | relax_failed | diverged | error
     ("reason", pa.string()),
     ("n_frames", pa.int32()),
@@ -86,11 +88,12 @@ STATUS = pa.schema([
 
 
 def status_row(sid: str, temperature: float, split: str, source: str, status: str, reason: str = "",
-               n_frames: int = 0, duration_ps: float = 0.0, wall_s: float = 0.0) -> dict[str, Any]:
-    """One :data:`STATUS` row: how the (structure, temperature K) trajectory of ``source`` ended."""
+               n_frames: int = 0, duration_ps: float = 0.0, wall_s: float = 0.0, replica: int = 0) -> dict[str, Any]:
+    """One :data:`STATUS` row: how replica ``replica`` of the (structure, temperature K) trajectory
+    of ``source`` ended."""
     return {"id": str(sid), "temperature": int(round(float(temperature))), "split": str(split), "source": source,
-            "status": status, "reason": reason, "n_frames": int(n_frames), "duration_ps": float(duration_ps),
-            "wall_s": float(wall_s)}
+            "replica": int(replica), "status": status, "reason": reason, "n_frames": int(n_frames),
+            "duration_ps": float(duration_ps), "wall_s": float(wall_s)}
 
 
 #: Per-trajectory labels for the prior selector (dataset/labels.parquet).
@@ -137,12 +140,18 @@ def _with_meta(schema: pa.Schema, prov: dict[str, Any] | None, kind: str) -> pa.
     return schema.with_metadata(meta)
 
 
+#: Columns that a writer may leave out, and the value they then take.
+COLUMN_DEFAULTS: dict[str, Any] = {"replica": 0}
+
+
 def to_table(df: pd.DataFrame | list[dict[str, Any]], kind: str) -> pa.Table:
-    """Build an Arrow table of schema ``kind`` from a DataFrame or list of row dicts."""
+    """Build an Arrow table of schema ``kind`` from a DataFrame or list of row dicts (columns of
+    :data:`COLUMN_DEFAULTS` may be left out)."""
     schema = SCHEMAS[kind]
     if isinstance(df, list):
-        cols = {f.name: [r.get(f.name) for r in df] for f in schema}
+        cols = {f.name: [r.get(f.name, COLUMN_DEFAULTS.get(f.name)) for r in df] for f in schema}
         return pa.table(cols, schema=schema)
+    df = df.assign(**{c: v for c, v in COLUMN_DEFAULTS.items() if c in schema.names and c not in df.columns})
     missing = [f.name for f in schema if f.name not in df.columns]
     if missing:
         raise SchemaError(f"{kind} table is missing columns: {', '.join(missing)}")
@@ -349,14 +358,21 @@ def positions_array(table: pa.Table) -> "np.ndarray":  # noqa: F821 (numpy impor
     return values.reshape(len(lengths), -1, 3)
 
 
-def read_trajectory(dataset: pads.Dataset, sid: str, temperature: float, source: str | None = None):
-    """Positions (F, n, 3) float32 Å and times (F,) ps of one trajectory, frames in order."""
+def read_trajectory(dataset: pads.Dataset, sid: str, temperature: float, source: str | None = None,
+                    replica: int = 0):
+    """Positions (F, n, 3) float32 Å and times (F,) ps of one trajectory (replica ``replica``),
+    frames in order. A frame number stored twice is a SchemaError."""
+    import numpy as np
     import pyarrow.compute as pc
 
-    filt = (pc.field("id") == sid) & (pc.field("temperature") == int(round(temperature)))
+    filt = ((pc.field("id") == sid) & (pc.field("temperature") == int(round(temperature)))
+            & (pc.field("replica") == int(replica)))
     if source is not None:
         filt = filt & (pc.field("source") == source)
     t = dataset.to_table(columns=["frame", "time_ps", "positions"], filter=filt).sort_by("frame")
     if t.num_rows == 0:
-        raise SchemaError(f"no frames for structure {sid!r} at {temperature:g} K")
+        raise SchemaError(f"no frames for structure {sid!r} at {temperature:g} K (replica {replica})")
+    frames = t.column("frame").to_numpy()
+    if np.any(np.diff(frames) == 0):
+        raise SchemaError(f"structure {sid!r} at {temperature:g} K (replica {replica}): a frame is stored twice")
     return positions_array(t), t.column("time_ps").to_numpy()

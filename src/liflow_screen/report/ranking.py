@@ -82,6 +82,8 @@ def compute_ranking(
     prior_flags: pd.DataFrame | Mapping[str, bool] | None = None,
     target_T: float = 300.0,
     variant: str | None = None,
+    n_draws: int = 4000,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
     """One row per structure: ranked candidates first (by the conservative 2.5 % posterior quantile of
     σ(target_T), S/cm, descending: column sigma_<target>K_S_cm_rankq), then every other structure,
@@ -105,8 +107,20 @@ def compute_ranking(
     arrhenius_p_value is the fit's consistency p-value. A fit with no consistent line makes the row
     ``non-Arrhenius`` with a reason naming the temperatures.
     Reference MD where present: D_ref_<T>K (resolved kinisi D* or empty) and D_ref_method_<T>K.
-    Returns the table and the Arrhenius fit of each ranked structure (for the plots).
+    duration_<T>K_ps: how long the trajectories at T ran (extension rounds make some longer);
+    n_replicas: independent trajectories per temperature, pooled in each D*.
+
+    Rank intervals: ``n_draws`` joint posterior draws of σ(target_T), one line per ranked row from its
+    censored fit (independent rows, ``numpy.random.default_rng([seed, structure key])``), ranked
+    within each draw: rank_low / rank_high are the 2.5 / 97.5 % quantiles of each row's rank, and
+    rank_text reads "4 (3–9)". p_ranked: the fraction of the same draws whose line lies above the
+    resolution floor (``D_li_floor``, a²/(6 τ_obs)) at two or more of the temperatures that could
+    enter the fit, i.e. how likely a rerun is to resolve enough temperatures to rank the row at all.
+    Returns the table and the Arrhenius fit of each ranked structure (for the plots; with
+    ``sigma_draws``, S/cm, the draws of σ(target_T)).
     """
+    from ..core.seeds import structure_key
+
     structs = load_structures(structures_table)
     df = analysis_table
     src = ranking_source(df, variant)
@@ -139,7 +153,11 @@ def compute_ranking(
             flags = trajectory_flags({**r, "temperature": T}, melt.get(sid))
             row.update({f"D_pred_{c}": float(r["D_li"]), f"D_pred_{c}_low": float(r["D_li_low"]),
                         f"D_pred_{c}_high": float(r["D_li_high"]), f"D_pred_{c}_bound": float(r["D_li_bound"]),
-                        f"D_method_{c}": str(r["D_method"]), f"flags_{c}": ";".join(flags)})
+                        f"D_method_{c}": str(r["D_method"]), f"flags_{c}": ";".join(flags),
+                        f"duration_{c}_ps": float(r.get("duration_ps", math.nan)),
+                        f"D_pred_{c}_replicas": replica_text(r),
+                        f"D_pred_{c}_scatter_p": float(r.get("D_scatter_p", math.nan))})
+            row["n_replicas"] = max(int(row.get("n_replicas", 0)), int(r.get("n_replicas", 1) or 1))
             if flags:
                 bad[T] = flags
             else:
@@ -160,7 +178,7 @@ def compute_ranking(
             fit = an.arrhenius_fit_censored(
                 np.asarray(use_T, float), gu["D_li"].to_numpy(float), gu["D_li_low"].to_numpy(float),
                 gu["D_li_high"].to_numpy(float), np.asarray(bound_T, float), gb["D_li_bound"].to_numpy(float),
-                target_T=target_T)
+                target_T=target_T, n_draws=n_draws, rng=np.random.default_rng([int(seed), structure_key(sid)]))
         row.update({"arrhenius_T": ";".join(str(T) for T in use_T), "arrhenius_n_T": len(use_T),
                     "arrhenius_bound_T": ";".join(str(T) for T in bound_T) if fit is not None else "",
                     "arrhenius_p_value": fit["p_value"] if fit is not None else math.nan})
@@ -180,6 +198,11 @@ def compute_ranking(
                                                  if np.isfinite(dval) else math.nan)
             row[f"sigma_{tgt}_S_cm_rankq"] = row[f"sigma_{tgt}_S_cm_low"]
             row["status"] = "ranked"
+            if n_draws > 0:
+                e_d, a_d = fit["draws_E_A"], fit["draws_ln_D0"]
+                fit["sigma_draws"] = an.nernst_einstein_conductivity(np.exp(a_d - e_d / (an.K_B_EV * target_T)),
+                                                                     n_li, volume, target_T)
+                row["p_ranked"] = _p_ranked(e_d, a_d, g, use_T + bound_T)
         else:
             row["status"], row["reason"] = _unranked_reason(sid, g, temps, bad, fit, status, src)
         row["rank_by"] = RANK_QUANTITY.format(T=f"{target_T:g} K")
@@ -196,7 +219,64 @@ def compute_ranking(
     out = out.sort_values(["_grp", "_sig", "id"], kind="mergesort").drop(columns=["_grp", "_sig"])
     ranked_mask = out["status"] == "ranked"
     out.insert(0, "rank", pd.array([i + 1 if ok else pd.NA for i, ok in enumerate(ranked_mask)], dtype="Int64"))
-    return out.reset_index(drop=True), fits
+    out = out.reset_index(drop=True)
+    _rank_intervals(out, fits, n_draws)
+    return out, fits
+
+
+def replica_text(r: Mapping[str, Any]) -> str:
+    """Each replica's own D* (cm²/s) as "median [low–high]" or its bound as "<bound", ";"-separated
+    (empty for a single trajectory)."""
+    rd = r.get("replica_D")
+    D = [] if rd is None or (isinstance(rd, float) and math.isnan(rd)) else list(rd)
+    if len(D) < 2:
+        return ""
+    lo, hi, b = list(r["replica_D_low"]), list(r["replica_D_high"]), list(r["replica_D_bound"])
+    parts = []
+    for k in range(len(D)):
+        if np.isfinite(D[k]):
+            parts.append(f"{D[k]:.3g} [{lo[k]:.3g}–{hi[k]:.3g}]")
+        elif np.isfinite(b[k]):
+            parts.append(f"<{b[k]:.3g}")
+        else:
+            parts.append("none")
+    return "; ".join(parts)
+
+
+def _p_ranked(e_draws: np.ndarray, lnd0_draws: np.ndarray, g: pd.DataFrame, temps: list[int]) -> float:
+    """Fraction of posterior line draws (E_A eV, ln D0) above the resolution floor D_li_floor (cm²/s)
+    at >= 2 of ``temps`` (K; rows of ``g`` indexed by temperature)."""
+    above = np.zeros(e_draws.size, dtype=int)
+    n_T = 0
+    for T in temps:
+        floor = float(g.loc[T, "D_li_floor"]) if "D_li_floor" in g.columns else math.nan
+        if not (math.isfinite(floor) and floor > 0):
+            continue
+        n_T += 1
+        above += (lnd0_draws - e_draws / (an.K_B_EV * T)) > math.log(floor)
+    return float(np.mean(above >= 2)) if n_T >= 2 else math.nan
+
+
+def _rank_intervals(out: pd.DataFrame, fits: dict[str, dict[str, Any]], n_draws: int) -> None:
+    """rank_low, rank_high (95 % of each ranked row's rank over joint σ draws) and rank_text, in place."""
+    out["rank_low"] = pd.array([pd.NA] * len(out), dtype="Int64")
+    out["rank_high"] = pd.array([pd.NA] * len(out), dtype="Int64")
+    out["rank_text"] = ""
+    if "p_ranked" not in out.columns:
+        out["p_ranked"] = math.nan
+    idx = [i for i in out.index if out.at[i, "status"] == "ranked" and "sigma_draws" in fits.get(out.at[i, "id"], {})]
+    if not idx or n_draws <= 0:
+        out.loc[out["status"] == "ranked", "rank_text"] = out.loc[out["status"] == "ranked", "rank"].astype(str)
+        return
+    from scipy import stats
+
+    draws = np.stack([fits[out.at[i, "id"]]["sigma_draws"] for i in idx])   # (ranked rows, draws)
+    ranks = stats.rankdata(-draws, axis=0, method="min")                     # 1 = highest σ in the draw
+    lo = np.percentile(ranks, 2.5, axis=1, method="lower").astype(int)
+    hi = np.percentile(ranks, 97.5, axis=1, method="higher").astype(int)
+    for k, i in enumerate(idx):
+        out.at[i, "rank_low"], out.at[i, "rank_high"] = int(lo[k]), int(hi[k])
+        out.at[i, "rank_text"] = f"{int(out.at[i, 'rank'])} ({lo[k]}–{hi[k]})"
 
 
 def _unranked_reason(sid: str, g: pd.DataFrame, temps: list[int], bad: dict[int, list[str]],
@@ -227,7 +307,7 @@ def diffusivity_by_source(analysis_table: pd.DataFrame, structures_table: pd.Dat
     E_A_eV[_low|_high] (posterior median and 95 % interval of the censored fit for ``fitted`` rows),
     arrhenius_T, arrhenius_bound_T, status, reason), with no ranks; only the (structure, source) pairs
     that have trajectories."""
-    keep_prefix = ("D_pred_", "D_method_", "flags_")
+    keep_prefix = ("D_pred_", "D_method_", "flags_", "duration_")
     parts = []
     for src in sorted(set(analysis_table["source"])):
         sub = analysis_table[analysis_table["source"] == src]

@@ -4,7 +4,9 @@ per temperature (Table 1's ρ).
 
 Output schema (:data:`SPEARMAN_COLUMNS`): comparison ("liflow_vs_literature" | "liflow_vs_md"),
 source (the LiFlow trajectory source), quantity, temperature_K, subset, n, rho, rho_low, rho_high
-(bootstrap ``level`` interval), p_value (scipy's t approximation; no correction for ties), note.
+(bootstrap ``level`` interval over compounds), rho_post_low, rho_post_high (``level`` interval of ρ
+over joint posterior draws of the predictions: σ(300 K) rows only, from the ranking's draws), p_value
+(scipy's t approximation; no correction for ties), note.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .metrics import compute_metrics, msd_at
 from .tables import LIFLOW_PREFIX, MD_SOURCE
 
 SPEARMAN_COLUMNS = ["comparison", "source", "quantity", "temperature_K", "subset", "n", "rho", "rho_low",
-                    "rho_high", "p_value", "note"]
+                    "rho_high", "rho_post_low", "rho_post_high", "p_value", "note"]
 #: Subsets of the literature comparison: every screened row by its status, or resolved rows only.
 SUBSET_ALL, SUBSET_RESOLVED = "all_by_status", "resolved"
 #: Bootstrap defaults: resamples of the (prediction, reference) pairs and the seed of their generator.
@@ -78,6 +80,30 @@ def bootstrap_spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.
     return out
 
 
+def posterior_spearman(draws: np.ndarray, slow: np.ndarray, ref: np.ndarray, level: float = 0.95
+                       ) -> tuple[float, float]:
+    """``level`` interval of Spearman ρ between predictions and ``ref`` over posterior draws:
+    ``draws`` (rows, n_draws) of the resolved rows' predictions (ignored for ``slow`` rows, which
+    tie slowest as in :func:`status_ranks`). (NaN, NaN) with fewer than 3 rows."""
+    from scipy import stats
+
+    n = ref.size
+    if n < 3 or np.unique(ref).size < 2:
+        return math.nan, math.nan
+    v = np.where(slow[:, None], -np.inf, draws)
+    rx = stats.rankdata(v, axis=0)
+    ry = stats.rankdata(ref)
+    rx = rx - rx.mean(axis=0, keepdims=True)
+    ry = ry - ry.mean()
+    den = np.sqrt((rx**2).sum(0) * (ry**2).sum())
+    ok = den > 0
+    if not ok.any():
+        return math.nan, math.nan
+    rho = (rx * ry[:, None]).sum(0)[ok] / den[ok]
+    lo, hi = np.percentile(rho, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
 def _temperatures(ranking: pd.DataFrame) -> list[int]:
     """Simulated temperatures (K) named by the ranking's D_method_<T>K columns."""
     return sorted(int(m.group(1)) for c in ranking.columns if (m := re.fullmatch(r"D_method_(\d+)K", str(c))))
@@ -117,7 +143,7 @@ def _tiers(ranking: pd.DataFrame, quantity: str, T: int | None) -> tuple[np.ndar
 
 def spearman_vs_literature(ranking: pd.DataFrame, literature: pd.DataFrame, temps: Sequence[int] | None = None,
                            target_T: float = 300.0, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
-                           level: float = 0.95) -> pd.DataFrame:
+                           level: float = 0.95, sigma_draws: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Spearman ρ of LiFlow's predictions against literature σ at room temperature (S/cm).
 
     ``ranking``: :func:`ranking.compute_ranking`'s table; ``literature``: columns id, sigma_rt_S_cm.
@@ -129,6 +155,9 @@ def spearman_vs_literature(ranking: pd.DataFrame, literature: pd.DataFrame, temp
     rows with no rollout (e.g. an element outside the model's table), unstable or non-Arrhenius rows
     (σ), or flagged trajectories (D*) are excluded and counted in ``note``; ``resolved`` — resolved
     rows only. n counts the pairs used; the interval is a bootstrap over pairs (:func:`bootstrap_spearman`).
+    ``sigma_draws`` {id: posterior draws of σ(target_T), S/cm} (``compute_ranking``'s fits) give the σ
+    rows a second interval, rho_post_low/high, over the predictions' own uncertainty
+    (:func:`posterior_spearman`).
     """
     lit = literature[["id", "sigma_rt_S_cm"]].copy()
     lit["id"] = lit["id"].astype(str)
@@ -156,6 +185,14 @@ def spearman_vs_literature(ranking: pd.DataFrame, literature: pd.DataFrame, temp
             slow = tier[use] == "slow"
             x = status_ranks(np.where(slow, math.nan, val[use]), slow)
             st = bootstrap_spearman(x, np.log10(ref[use]), n_boot, seed, level)
+            post = (math.nan, math.nan)
+            ids_use = m["id"].to_numpy()[use]
+            if T is None and sigma_draws and all(i in sigma_draws for i, sl in zip(ids_use, slow) if not sl):
+                nd = min((len(sigma_draws[i]) for i, sl in zip(ids_use, slow) if not sl), default=0)
+                if nd:
+                    dr = np.stack([np.asarray(sigma_draws[i][:nd]) if not sl else np.zeros(nd)
+                                   for i, sl in zip(ids_use, slow)])
+                    post = posterior_spearman(dr, slow, np.log10(ref[use]), level)
             n_res, n_slow = int(np.sum(~slow)), int(np.sum(slow))
             left = {k: v for k, v in excl.items() if v}
             if subset == SUBSET_RESOLVED and np.any(has_ref & (tier == "slow")):
@@ -167,8 +204,8 @@ def spearman_vs_literature(ranking: pd.DataFrame, literature: pd.DataFrame, temp
                 note += "; n < 3: no ρ"
             rows.append({"comparison": "liflow_vs_literature", "source": source, "quantity": quantity,
                          "temperature_K": temp_K, "subset": subset, "n": st["n"], "rho": st["rho"],
-                         "rho_low": st["rho_low"], "rho_high": st["rho_high"], "p_value": st["p_value"],
-                         "note": note})
+                         "rho_low": st["rho_low"], "rho_high": st["rho_high"], "rho_post_low": post[0],
+                         "rho_post_high": post[1], "p_value": st["p_value"], "note": note})
     return pd.DataFrame(rows, columns=SPEARMAN_COLUMNS)
 
 
@@ -199,5 +236,5 @@ def spearman_vs_md(analysis_table: pd.DataFrame, status_table: pd.DataFrame | No
         rows.append({"comparison": "liflow_vs_md", "source": LIFLOW_PREFIX + r.model, "quantity": "log_msd_li",
                      "temperature_K": float(r.temperature), "subset": "/".join(sorted(splits)), "n": int(r.n),
                      "rho": float(r.log_msd_li_spearman), "rho_low": st["rho_low"], "rho_high": st["rho_high"],
-                     "p_value": st["p_value"], "note": note})
+                     "rho_post_low": math.nan, "rho_post_high": math.nan, "p_value": st["p_value"], "note": note})
     return pd.DataFrame(rows, columns=SPEARMAN_COLUMNS)

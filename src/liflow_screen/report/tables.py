@@ -31,12 +31,13 @@ ANALYSIS_COLUMNS = (
     "D_li", "D_li_low", "D_li_high", "D_li_bound", "D_method", "D_note",
     "li_site_occupancy", "li_alpha2", "li_molten", "frame_melt_ratio", "frame_melted",
     "rdf", "rdf_r_max", "status", "stable",
+    "n_replicas", "D_li_floor", "replica_D", "replica_D_low", "replica_D_high", "replica_D_bound", "D_scatter_p",
 )
 
 
 NUMERIC_COLUMNS = ("duration_ps", "msd_li", "msd_frame", "li_hop_A", "li_msd_plateau", "li_msd_excess",
                    "li_tau_obs_ps", "D_li", "D_li_low", "D_li_high", "D_li_bound", "li_site_occupancy", "li_alpha2",
-                   "frame_melt_ratio", "rdf_r_max")
+                   "frame_melt_ratio", "rdf_r_max", "D_li_floor", "D_scatter_p")
 
 
 #: D_method values: how each D* number (or bound) was obtained.
@@ -111,9 +112,18 @@ def read_analysis(paths: pd.DataFrame | str | os.PathLike[str] | Sequence[str | 
 
 
 def status_lookup(status: pd.DataFrame) -> dict[tuple[str, int, str], tuple[str, str]]:
+    """(id, T K, source) -> (status, reason) of that trajectory: with replicas, ``ok`` only when every
+    replica ended ok, else the first replica's that did not (its reason names the replica)."""
     out: dict[tuple[str, int, str], tuple[str, str]] = {}
+    cols = status.columns
     for r in status.itertuples(index=False):
-        out[(str(r.id), int(r.temperature), str(r.source))] = (str(r.status), str(r.reason or ""))
+        key = (str(r.id), int(r.temperature), str(r.source))
+        st, why = str(r.status), str(r.reason or "")
+        rep = int(r.replica) if "replica" in cols and pd.notna(r.replica) else 0
+        if st != "ok" and "replica" in cols and (status["replica"].fillna(0) > 0).any():
+            why = f"replica {rep}: {why}"
+        if key not in out or (out[key][0] == "ok" and st != "ok"):
+            out[key] = (st, why)
     return out
 
 

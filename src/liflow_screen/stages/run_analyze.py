@@ -30,7 +30,8 @@ def run(
     temperatures: Iterable[float] | None = None,
     diffusion: bool = True,
 ) -> pd.DataFrame:
-    """Analyse every (structure, temperature, source) trajectory in a frame dataset; write Parquet.
+    """Analyse every (structure, temperature, source) trajectory in a frame dataset, its replicas
+    jointly (``report.trajectory.analyze_trajectory``); write Parquet.
 
     ``frame_files`` are FRAMES files (a chunk's ``frames_T<K>.parquet`` or dataset parts, see
     :func:`schema.open_frames`), MD and rollouts alike, and nothing else is read; ``structures`` the STRUCTURES table (numbers, cell of the relaxed supercell);
@@ -46,7 +47,9 @@ def run(
     structs = load_structures(structures)
     stat = status_lookup(load_status(status))
     ds = schema.open_frames(frame_files)
-    keys = ds.to_table(columns=["id", "source", "temperature", "split"]).to_pandas().drop_duplicates()
+    allkeys = ds.to_table(columns=["id", "source", "temperature", "split", "replica"]).to_pandas().drop_duplicates()
+    replicas = allkeys.groupby(["id", "temperature", "source"])["replica"].apply(lambda r: sorted(set(r))).to_dict()
+    keys = allkeys.drop(columns="replica").drop_duplicates()
     if ids is not None:
         keys = keys[keys["id"].isin(set(ids))]
     if sources is not None:
@@ -62,15 +65,18 @@ def run(
         s = structs.loc[k.id]
         numbers = np.asarray(s["numbers"], dtype=int)
         cell = np.asarray(s["cell"], dtype=np.float64).reshape(3, 3)
-        pos, times = schema.read_trajectory(ds, k.id, k.temperature, k.source)
-        if pos.shape[1] != numbers.size:
-            raise InputError(f"{k.id} at {k.temperature} K ({k.source}): {pos.shape[1]} atoms in frames, "
+        trajs = [schema.read_trajectory(ds, k.id, k.temperature, k.source, replica=int(r))
+                 for r in replicas[(k.id, k.temperature, k.source)]]
+        pos = [p for p, _ in trajs]
+        times = min((tt for _, tt in trajs), key=len)
+        if pos[0].shape[1] != numbers.size:
+            raise InputError(f"{k.id} at {k.temperature} K ({k.source}): {pos[0].shape[1]} atoms in frames, "
                              f"{numbers.size} in the structure")
         # chunk folders carry no split partition: the structures table is the authority
         split = k.split if isinstance(k.split, str) else str(s["split"])
         row = {"id": str(k.id), "temperature": int(k.temperature), "split": split, "source": str(k.source)}
-        row.update(analyze_trajectory(pos, times, numbers, cell, settings.analysis, diffusion=diffusion,
-                                      seed=settings.seed))
+        row.update(analyze_trajectory(pos if len(pos) > 1 else pos[0], times, numbers, cell, settings.analysis,
+                                      diffusion=diffusion, seed=settings.seed))
         st, _reason = stat.get((row["id"], row["temperature"], row["source"]), ("ok", ""))
         row["status"] = st
         row["stable"] = st == "ok"

@@ -87,11 +87,12 @@ def run(
                               delta_tau_ps=settings.dataset.delta_tau_ps)
     src = ranking_source(df, variant)
     ranking, fits = compute_ranking(df, structs, status, priors[priors["source"] == src] if len(priors) else None,
-                                    target_T, variant)
+                                    target_T, variant, seed=settings.seed)
     by_source = diffusivity_by_source(df, structs, status, target_T)
     agreement = prior_agreement(priors, labels if labels is not None else pd.DataFrame())
     literature = screened_literature(ranking)
-    parts = [spearman_vs_literature(ranking, literature, target_T=target_T, seed=settings.seed)
+    draws = {sid: f["sigma_draws"] for sid, f in fits.items() if "sigma_draws" in f}
+    parts = [spearman_vs_literature(ranking, literature, target_T=target_T, seed=settings.seed, sigma_draws=draws)
              if len(literature) and len(ranking) else pd.DataFrame(columns=SPEARMAN_COLUMNS),
              spearman_vs_md(df, status, metric_splits, tau_ps=acfg.metric_tau_ps,
                             delta_tau_ps=settings.dataset.delta_tau_ps, seed=settings.seed)]
