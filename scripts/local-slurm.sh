@@ -137,6 +137,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 GresTypes=gpu
 ReturnToService=2
+# jobs run at the niceness of the command that submitted them (nice snakemake ... as without SLURM)
+PropagatePrioProcess=1
 MinJobAge=600
 MaxArraySize=10001
 SlurmctldTimeout=30
