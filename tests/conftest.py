@@ -76,23 +76,99 @@ GOLDEN_FILES = ("ranking.csv", "metrics.csv", "diffusivity.csv")
 
 
 def assert_golden(name: str, reports: Path) -> None:
-    """The run's ranking, metrics and diffusivity tables are byte-identical to ``tests/golden/<name>/``.
+    """The run's ranking, metrics and diffusivity tables agree with ``tests/golden/<name>/`` as far as
+    they are reproducible on another CPU (rollouts are chaotic: their last bits, and so every number
+    that depends on them, differ between CPUs and kernel choices, e.g. ``ATEN_CPU_CAPABILITY``).
 
-    The golden files were written by the same test before the layout and settings refactor (issue 17);
-    a change of behaviour fails here. After an intended change of numbers, rewrite them with
-    ``LIFLOW_WRITE_GOLDEN=1 pytest <the test>`` and say why in the commit.
+    Exact: the columns, the rows (structures, sources, temperatures, models), what the settings and
+    the structures alone decide (ids, formulas, splits, n_li, `no rollout` rows and their reasons,
+    the metrics' τ and n). Statistical, per trajectory: a temperature whose Li excess MSD was far from
+    the resolution threshold (resolution_<T>K >= 2 or <= 0.5 hop lengths squared) is resolved / a bound
+    again, and resolved D* agree within their 95 % intervals widened x2 in ln D. Per row: the status
+    again where every temperature was far from the threshold and the Arrhenius verdict was not
+    borderline (p_ranked >= 0.9 and p > 0.01 for ranked rows, p < 1e-5 for non-Arrhenius rows), and
+    σ(300 K) intervals overlap where both rank. Relaxed volumes within 0.1 %. At least one status and
+    one D* is compared, so the check cannot pass vacuously.
+    After an intended change of numbers, rewrite them with ``LIFLOW_WRITE_GOLDEN=1 pytest <the test>``
+    and say why in the commit.
     """
+    import math
+
+    import numpy as np
+    import pandas as pd
+
     want = GOLDEN / name
     if os.environ.get("LIFLOW_WRITE_GOLDEN") == "1":
         want.mkdir(parents=True, exist_ok=True)
         for f in GOLDEN_FILES:
             (want / f).write_bytes((reports / f).read_bytes())
         return
-    for f in GOLDEN_FILES:
-        got, ref = (reports / f).read_bytes(), (want / f).read_bytes()
-        if got != ref:
-            import difflib
+    where = f"{name} run vs tests/golden/{name}"
+    counts = {"status": 0, "D": 0}
 
-            diff = "\n".join(list(difflib.unified_diff(ref.decode().splitlines(), got.decode().splitlines(),
-                                                       f"golden/{name}/{f}", f"run/{f}", lineterm=""))[:40])
-            raise AssertionError(f"{f} of the {name} run differs from tests/golden/{name}/{f}:\n{diff}")
+    def D_agree(dg, lg, hg, dn, ln_, hn) -> bool:
+        half = lambda d, lo, hi: max(math.log(hi / d), math.log(d / lo))  # noqa: E731
+        return abs(math.log(dn / dg)) <= 2 * (half(dg, lg, hg) + half(dn, ln_, hn))
+
+    g = pd.read_csv(want / "ranking.csv").set_index("id")
+    r = pd.read_csv(reports / "ranking.csv").set_index("id")
+    assert list(r.columns) == list(g.columns), f"{where}: ranking.csv columns differ"
+    assert sorted(r.index) == sorted(g.index), f"{where}: ranking.csv rows differ"
+    temps = sorted(int(c[len("D_method_"):-1]) for c in g.columns if c.startswith("D_method_") and c.endswith("K"))
+    for sid in g.index:
+        a, b = g.loc[sid], r.loc[sid]
+        for col in ("formula", "split", "source", "n_li"):
+            assert a[col] == b[col], f"{where}: {sid} {col} {b[col]!r} != {a[col]!r}"
+        if a["status"] == "no rollout" or b["status"] == "no rollout":
+            assert (a["status"], str(a["reason"])) == (b["status"], str(b["reason"])), f"{where}: {sid} rollout"
+            continue
+        assert math.isclose(a["volume_A3"], b["volume_A3"], rel_tol=1e-3), f"{where}: {sid} volume"
+        far = True
+        for T in temps:
+            c = f"{T}K"
+            ratio = a.get(f"resolution_{c}", math.nan)
+            if not (ratio >= 2 or ratio <= 0.5):
+                far = False
+                continue
+            if str(a[f"flags_{c}"]).replace("unresolved", "") or str(b[f"flags_{c}"]).replace("unresolved", ""):
+                far = False  # a diverged / melted trajectory: another threshold
+                continue
+            if ratio >= 2:
+                assert b[f"D_method_{c}"] == "kinisi", f"{where}: {sid} at {c} no longer resolved (golden ratio {ratio:.2g})"
+                if a[f"D_method_{c}"] == "kinisi":
+                    assert D_agree(a[f"D_pred_{c}"], a[f"D_pred_{c}_low"], a[f"D_pred_{c}_high"], b[f"D_pred_{c}"],
+                                   b[f"D_pred_{c}_low"], b[f"D_pred_{c}_high"]), f"{where}: {sid} D* at {c}"
+                    counts["D"] += 1
+            else:
+                assert str(b[f"D_method_{c}"]).startswith("bound"), f"{where}: {sid} at {c} resolved now (golden ratio {ratio:.2g})"
+        p = a["arrhenius_p_value"]
+        verdict_far = ((a["status"] == "ranked" and a.get("p_ranked", 1.0) >= 0.9 and p > 0.01)
+                       or (a["status"] == "non-Arrhenius" and p < 1e-5) or a["status"] in ("unresolved", "unstable"))
+        if far and verdict_far:
+            assert a["status"] == b["status"], f"{where}: {sid} status {b['status']} != golden {a['status']}"
+            counts["status"] += 1
+        if a["status"] == "ranked" and b["status"] == "ranked":
+            assert b["sigma_300K_S_cm_low"] <= a["sigma_300K_S_cm_high"] and a["sigma_300K_S_cm_low"] <= b["sigma_300K_S_cm_high"], \
+                f"{where}: {sid} σ(300 K) intervals do not overlap"
+    assert counts["status"] >= 1, f"{where}: no row far enough from every threshold to compare its status"
+    gd = pd.read_csv(want / "diffusivity.csv")
+    rd = pd.read_csv(reports / "diffusivity.csv")
+    assert list(rd.columns) == list(gd.columns) and len(rd) == len(gd), f"{where}: diffusivity.csv layout differs"
+    assert (rd[["id", "source"]].to_numpy() == gd[["id", "source"]].to_numpy()).all(), f"{where}: diffusivity rows"
+    for (_, a), (_, b) in zip(gd.iterrows(), rd.iterrows()):
+        for T in temps:
+            c = f"{T}K"
+            if a.get(f"D_method_{c}") == "kinisi" == b.get(f"D_method_{c}") and a["source"] != "md":
+                assert D_agree(a[f"D_{c}"], a[f"D_{c}_low"], a[f"D_{c}_high"], b[f"D_{c}"], b[f"D_{c}_low"],
+                               b[f"D_{c}_high"]), f"{where}: diffusivity {a['id']} {a['source']} D* at {c}"
+                counts["D"] += 1
+    gm = pd.read_csv(want / "metrics.csv")
+    rm = pd.read_csv(reports / "metrics.csv")
+    assert list(rm.columns) == list(gm.columns), f"{where}: metrics.csv columns differ"
+    keys = [k for k in ("temperature", "model", "tau_ps", "n", "n_rollouts") if k in gm.columns]
+    assert rm[keys].equals(gm[keys]), f"{where}: metrics.csv rows differ"
+    for col in [c for c in gm.columns if c.endswith("_mae")]:
+        assert np.allclose(rm[col].to_numpy(float), gm[col].to_numpy(float), atol=0.5, equal_nan=True), \
+            f"{where}: metrics {col}"
+    assert counts["D"] >= 1 or not any(g[f"D_method_{T}K"].eq("kinisi").any() for T in temps), \
+        f"{where}: no resolved D* compared"

@@ -80,6 +80,7 @@ def test_published_and_fine_tuned_screening(run) -> None:
     assert not (sp["comparison"] == "liflow_vs_literature").any()  # embedded ids: no panel compound
 
 
-def test_outputs_unchanged_by_refactors(run):
-    """ranking.csv, metrics.csv and diffusivity.csv byte-identical to those of the code before issue 17."""
+def test_outputs_agree_with_golden(run):
+    """ranking.csv, metrics.csv and diffusivity.csv agree with tests/golden as far as they are
+    reproducible across CPUs (conftest.assert_golden)."""
     assert_golden("pretrained", run / "reports")

@@ -290,6 +290,7 @@ def test_paper_config_dag_is_chunked(tmp_path):
     assert counts_slurm == counts
 
 
-def test_outputs_unchanged_by_refactors(reference_run):
-    """ranking.csv, metrics.csv and diffusivity.csv byte-identical to those of the code before issue 17."""
+def test_outputs_agree_with_golden(reference_run):
+    """ranking.csv, metrics.csv and diffusivity.csv agree with tests/golden as far as they are
+    reproducible across CPUs (conftest.assert_golden)."""
     assert_golden("tiny", reference_run[0] / "results" / "reports")

@@ -208,3 +208,17 @@ def test_rank_intervals_p_ranked_and_posterior_rho() -> None:
     assert row["rho_post_low"] - 1e-9 <= row["rho"] <= row["rho_post_high"] + 1e-9
     assert row["rho_post_low"] < row["rho_post_high"]  # b and c swap in some draws
     assert sp[sp["quantity"] == "D_star_cm2_s"]["rho_post_low"].isna().all()
+
+
+def test_pilot_classes_monotone_in_temperature() -> None:
+    """A pilot that finds Li fast at 800 K makes it fast at 1000 and 1200 K even where that pilot said
+    slow (seen: Li6PS5Cl's 1000 K pilot, 0.06 Å²/ps, froze both replicas); slow below stays slow."""
+    from liflow_screen.flow.selection import monotone_in_temperature
+
+    rows = [{"id": "a", "temperature": T, "method": "pilot", "li_slow": s, "uncertain": False}
+            for T, s in ((600, True), (800, False), (1000, True), (1200, False))]
+    rows += [{"id": "b", "temperature": T, "method": "pilot", "li_slow": True, "uncertain": False} for T in (600, 1200)]
+    out = monotone_in_temperature(pd.DataFrame(rows)).set_index(["id", "temperature"])
+    assert out["li_slow"].tolist() == [True, False, False, False, True, True]
+    assert out.loc[("a", 1000), "method"] == "pilot:monotone" and bool(out.loc[("a", 1000), "uncertain"])
+    assert out.loc[("a", 600), "method"] == "pilot" and not bool(out.loc[("a", 600), "uncertain"])

@@ -88,7 +88,9 @@ def choose_prior_classes(settings: Settings, method: str, prop: Any, corr: Any, 
     * ``selector``: the prior-selector classifier trained on this run's MD (P(slow) >= 0.5);
     * ``pilot``: a ``rollout.pilot_steps``-step rollout with the LARGE Li prior (and the small frame
       prior); Li is classified by the same rule as the MD labels: slow if its mobility rate (slope
-      of the multi-origin MSD over the later half, Å²/ps) < ``dataset.slow_threshold``. The frame
+      of the multi-origin MSD over the later half, Å²/ps) < ``dataset.slow_threshold``, and fast at
+      every temperature above one where it is fast (:func:`monotone_in_temperature`: mobility does
+      not fall with T; one 6-ps pilot is noisy, and a wrong "slow" there freezes every replica). The frame
       gets the small prior: a pilot with the large frame prior is self-fulfilling (the flow turns a
       wide prior into wide displacements: LiCl's frame "diffused" at 600 K), and a melting frame is
       a sanity flag of its own, not something to screen with;
@@ -149,4 +151,23 @@ def choose_prior_classes(settings: Settings, method: str, prop: Any, corr: Any, 
                          "li_slow": bool(np.isfinite(r_li) and r_li < thr), "frame_slow": True,
                          "pilot_rate_li": r_li, "pilot_rate_frame": r_fr, "uncertain": unc})
         log.info("pilot rollouts: %d pairs (%.1f s)", len(batch), wall)
-    return pd.DataFrame(rows, columns=[f.name for f in schema.PRIORS])
+    return monotone_in_temperature(pd.DataFrame(rows, columns=[f.name for f in schema.PRIORS]))
+
+
+def monotone_in_temperature(priors: pd.DataFrame) -> pd.DataFrame:
+    """Pilot classes made monotone in T per structure: Li found fast (``li_slow`` False) at some
+    temperature is fast at every higher one; a class raised so gets method "pilot:monotone" and is
+    flagged ``uncertain`` (its own pilot said slow)."""
+    out = priors.copy()
+    for sid, g in out.groupby("id"):
+        fast_from = g.loc[~g["li_slow"].astype(bool), "temperature"]
+        if fast_from.empty:
+            continue
+        raise_ = g.index[(g["temperature"] > fast_from.min()) & g["li_slow"].astype(bool)]
+        if len(raise_):
+            out.loc[raise_, "li_slow"] = False
+            out.loc[raise_, "method"] = "pilot:monotone"
+            out.loc[raise_, "uncertain"] = True
+            log.info("pilot: %s fast at %d K, so fast at %s K too", sid, int(fast_from.min()),
+                     ", ".join(str(int(t)) for t in out.loc[raise_, "temperature"]))
+    return out

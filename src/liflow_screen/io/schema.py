@@ -117,7 +117,7 @@ PRIORS = pa.schema([
     ("id", pa.string()),
     ("temperature", pa.int32()),            # K
     ("source", pa.string()),                # liflow:<variant>
-    ("method", pa.string()),                # selector | pilot | fast | slow | none (non-adaptive prior)
+    ("method", pa.string()),                # selector | pilot | pilot:monotone | fast | slow | none (non-adaptive prior)
     ("li_slow", pa.bool_()),                # True = small Li prior scale
     ("frame_slow", pa.bool_()),
     ("p_slow_li", pa.float64()),            # selector P(slow) (null for other methods)

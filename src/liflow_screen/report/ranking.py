@@ -108,6 +108,7 @@ def compute_ranking(
     ``non-Arrhenius`` with a reason naming the temperatures.
     Reference MD where present: D_ref_<T>K (resolved kinisi D* or empty) and D_ref_method_<T>K.
     duration_<T>K_ps: how long the trajectories at T ran (extension rounds make some longer);
+    resolution_<T>K: the Li MSD excess in hop lengths squared (>= 1 resolved: how near the threshold);
     n_replicas: independent trajectories per temperature, pooled in each D*.
 
     Rank intervals: ``n_draws`` joint posterior draws of σ(target_T), one line per ranked row from its
@@ -155,6 +156,7 @@ def compute_ranking(
                         f"D_pred_{c}_high": float(r["D_li_high"]), f"D_pred_{c}_bound": float(r["D_li_bound"]),
                         f"D_method_{c}": str(r["D_method"]), f"flags_{c}": ";".join(flags),
                         f"duration_{c}_ps": float(r.get("duration_ps", math.nan)),
+                        f"resolution_{c}": _resolution_ratio(r),
                         f"D_pred_{c}_replicas": replica_text(r),
                         f"D_pred_{c}_scatter_p": float(r.get("D_scatter_p", math.nan))})
             row["n_replicas"] = max(int(row.get("n_replicas", 0)), int(r.get("n_replicas", 1) or 1))
@@ -221,7 +223,15 @@ def compute_ranking(
     out.insert(0, "rank", pd.array([i + 1 if ok else pd.NA for i, ok in enumerate(ranked_mask)], dtype="Int64"))
     out = out.reset_index(drop=True)
     _rank_intervals(out, fits, n_draws)
-    return out, fits
+    front = ["rank", "rank_text", "rank_low", "rank_high", "p_ranked"]
+    return out[front + [c for c in out.columns if c not in front]], fits
+
+
+def _resolution_ratio(r: Mapping[str, Any]) -> float:
+    """Li MSD excess over the vibrational plateau in units of the hop length squared (>= 1: resolved;
+    ``analysis.diffusion_resolution``): how far a trajectory is from the resolution threshold."""
+    excess, hop = float(r.get("li_msd_excess", math.nan)), float(r.get("li_hop_A", math.nan))
+    return excess / hop**2 if math.isfinite(excess) and math.isfinite(hop) and hop > 0 else math.nan
 
 
 def replica_text(r: Mapping[str, Any]) -> str:
