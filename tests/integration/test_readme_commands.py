@@ -124,7 +124,7 @@ def test_default_command(tmp_path) -> None:
     assert len(ranking) == 14 and (ranking["status"] == "ranked").sum() >= 5
     ranked = ranking[ranking["status"] == "ranked"]
     assert ((ranked["rank_low"] <= ranked["rank"]) & (ranked["rank"] <= ranked["rank_high"])).all()
-    assert (ranking["n_replicas"] == 2).all()
+    assert (ranking["n_replicas"] == 1).all()
     assert_golden("default", reports)
     print(f"default workflow: {wall:.0f} s")
 
