@@ -114,7 +114,7 @@ def run_verbatim(cmd: str, cwd: Path, timeout: int) -> tuple[subprocess.Complete
 
 @pytest.mark.timeout(1800)
 def test_default_command(tmp_path) -> None:
-    """The quick start's workflow command, verbatim: the default screening of 14 panel compounds with the
+    """The quick start's workflow command, verbatim: the default screening of 12 panel compounds with the
     shipped models. Its tables agree with tests/golden/default as far as they are reproducible across
     CPUs (conftest.assert_golden); every ranked row has a rank interval that holds its rank. The
     README's table form (``snakemake --cores 2``) is the same invocation with the environment on PATH."""
