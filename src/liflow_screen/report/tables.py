@@ -115,12 +115,13 @@ def status_lookup(status: pd.DataFrame) -> dict[tuple[str, int, str], tuple[str,
     """(id, T K, source) -> (status, reason) of that trajectory: with replicas, ``ok`` only when every
     replica ended ok, else the first replica's that did not (its reason names the replica)."""
     out: dict[tuple[str, int, str], tuple[str, str]] = {}
-    cols = status.columns
+    has_replica = "replica" in status.columns
+    replicated = has_replica and bool((status["replica"].fillna(0) > 0).any())  # once, not per row
     for r in status.itertuples(index=False):
         key = (str(r.id), int(r.temperature), str(r.source))
         st, why = str(r.status), str(r.reason or "")
-        rep = int(r.replica) if "replica" in cols and pd.notna(r.replica) else 0
-        if st != "ok" and "replica" in cols and (status["replica"].fillna(0) > 0).any():
+        if st != "ok" and replicated:
+            rep = int(r.replica) if pd.notna(r.replica) else 0
             why = f"replica {rep}: {why}"
         if key not in out or (out[key][0] == "ok" and st != "ok"):
             out[key] = (st, why)

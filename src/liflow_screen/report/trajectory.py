@@ -37,16 +37,16 @@ def replica_scatter(D: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[floa
     return float(stats.chi2.sf(chi2, dof)), math.sqrt(max(chi2 / dof, 1.0))
 
 
-def li_resolution(reps: list[np.ndarray], times_ps: np.ndarray, numbers: np.ndarray, cell: np.ndarray
-                  ) -> tuple[dict[str, Any], list[np.ndarray], float]:
+def li_resolution(reps: list[np.ndarray], times_ps: np.ndarray, numbers: np.ndarray, cell: np.ndarray,
+                  hop: float | None = None) -> tuple[dict[str, Any], list[np.ndarray], float]:
     """Whether the replicas of one (structure, T) jointly resolve Li diffusion
     (:func:`analysis.diffusion_resolution` on positions relative to the framework, hop length a from
-    frame 0). Returns (the resolution dict, the drift-removed replicas, a in Å). The rollout stage's
-    extension rounds and the analysis use this one test."""
+    frame 0 unless given, Å). Returns (the resolution dict, the drift-removed replicas, a in Å). The
+    rollout stage's extension rounds and the analysis use this one test."""
     nums = np.asarray(numbers, dtype=int)
     li = an.species_mask(nums, "Li")
     c = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    hop = an.hop_length(reps[0][0], c, nums, 3)
+    hop = an.hop_length(reps[0][0], c, nums, 3) if hop is None else hop
     xf = [an.remove_framework_drift(r, ~li) for r in reps]
     return an.diffusion_resolution(xf, times_ps, li, hop), xf, hop
 
@@ -123,7 +123,7 @@ def analyze_trajectory(
     }
     if n_frames >= 3:
         # resolution, site and melting tests relative to the framework (as kinisi's D*), per replica
-        res, xf, _ = li_resolution(reps, t, nums, c)
+        res, xf, _ = li_resolution(reps, t, nums, c, hop)
         row.update({"li_msd_plateau": res["plateau"], "li_msd_excess": res["excess"],
                     "li_tau_obs_ps": res["tau_obs_ps"], "li_resolved": bool(res["resolved"]),
                     "D_li_floor": res["bound"]})
