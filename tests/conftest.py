@@ -87,8 +87,9 @@ def assert_golden(name: str, reports: Path) -> None:
     again, and resolved D* agree within their 95 % intervals widened x2 in ln D. Per row: the status
     again where every temperature was far from the threshold and the Arrhenius verdict was not
     borderline (p_ranked >= 0.9 and p > 0.01 for ranked rows, p < 1e-5 for non-Arrhenius rows), and
-    σ(300 K) intervals overlap where both rank. Relaxed volumes within 0.1 %. At least one status and
-    one D* is compared, so the check cannot pass vacuously.
+    σ(300 K) intervals overlap where both rank. Relaxed volumes within 0.1 %. At least one status (where the golden has a
+    row with a resolution test at every temperature) and one D* (where the golden resolved one) is
+    compared, so the check cannot pass vacuously.
     After an intended change of numbers, rewrite them with ``LIFLOW_WRITE_GOLDEN=1 pytest <the test>``
     and say why in the commit.
     """
@@ -150,7 +151,10 @@ def assert_golden(name: str, reports: Path) -> None:
         if a["status"] == "ranked" and b["status"] == "ranked":
             assert b["sigma_300K_S_cm_low"] <= a["sigma_300K_S_cm_high"] and a["sigma_300K_S_cm_low"] <= b["sigma_300K_S_cm_high"], \
                 f"{where}: {sid} σ(300 K) intervals do not overlap"
-    assert counts["status"] >= 1, f"{where}: no row far enough from every threshold to compare its status"
+    # runs whose trajectories are too short for the resolution test (tiny: 0.3 ps, no MSD plateau, so
+    # resolution_<T>K is empty) have no status reproducible across CPUs; every other golden has one
+    comparable = any(g[[f"resolution_{T}K" for T in temps]].notna().all(axis=1))
+    assert counts["status"] >= 1 or not comparable, f"{where}: no row far enough from every threshold to compare its status"
     gd = pd.read_csv(want / "diffusivity.csv")
     rd = pd.read_csv(reports / "diffusivity.csv")
     assert list(rd.columns) == list(gd.columns) and len(rd) == len(gd), f"{where}: diffusivity.csv layout differs"
