@@ -149,23 +149,82 @@ def test_corrupt_and_mismatched_parquet_cli(tmp_path, capsys):
         schema.read_table(f, "frames")
 
 
-def test_pair_source_balanced_and_exact(tmp_path):
+def _in_memory_reference(truth, k: int, batches: int, batch: int, seed: int):
+    """Today's sampling, computed independently from the MD positions held in memory: trajectories in
+    (T, split, file, id) order, weight 1 / (structures of the composition x temperatures of the
+    structure), origin uniform over frames with τ + Δτ inside. Returns (id, T, x0, x1) per pair."""
+    comp = {s[0]: s[1] for s in SPECS}
+    train = [s[0] for s in SPECS if s[2] == "train"]
+    chunk = {s[0]: s[5] for s in SPECS}
+    trajs = [(sid, T) for T in TEMPS for c in (0, 1) for sid in sorted(i for i in train if chunk[i] == c)]
+    n_comp = Counter(comp[i] for i in train)
+    w = np.array([1.0 / (n_comp[comp[sid]] * len(TEMPS)) for sid, _ in trajs])
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batches):
+        for j in rng.choice(len(trajs), size=batch, p=w / w.sum()):
+            sid, T = trajs[int(j)]
+            pos = truth[(sid, T)]
+            f0 = int(rng.integers(0, len(pos) - k))
+            out.append((sid, T, pos[f0], pos[f0 + k]))
+    return out
+
+
+def test_streaming_pairs_are_the_in_memory_pairs_whatever_the_cache(tmp_path, monkeypatch):
+    truth = _fake_md(tmp_path / "md", SPECS)
+    out = tmp_path / "dataset"
+    cfg = _cfg()
+    # row groups of 10 frames, so that pairs span row groups and the cache must evict
+    monkeypatch.setattr(dataset_stage, "FRAME_ROW_GROUP_BYTES", 12 * 8 * 10)
+    dataset_stage.run(cfg, tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
+    k = cfg.delta_tau_frames
+    assert k == 50
+    part = layout.dataset_frame_files(out, ["train"])[0]
+    assert pq.ParquetFile(part).metadata.num_row_groups == 21  # 2 structures x 101 frames / 10
+    t = pq.read_table(part, columns=["id", "frame"]).to_pandas()
+    assert t.equals(t.sort_values(["id", "frame"], ignore_index=True))  # contiguous, in order
+    want = _in_memory_reference(truth, k, batches=30, batch=16, seed=0)
+    group_bytes = 10 * 8 * 3 * 4
+    for cache_gb in (1.0, 0.0, 3 * group_bytes / 1e9):
+        src = dataset.StreamingPairSource.open(out, ["train"], k, slow={("b1", 600): (True, False)},
+                                               cache_gb=cache_gb)
+        rng = np.random.default_rng(0)
+        got = [p for _ in range(30) for p in src.sample(16, rng)]
+        assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want], cache_gb
+        for p, (_, _, x0, x1) in zip(got, want):
+            np.testing.assert_array_equal(p.x0, x0)
+            np.testing.assert_array_equal(p.x1, x1)
+            assert p.li_slow == (p.id == "b1" and p.temperature == 600) and not p.frame_slow
+        assert src.cache.peak_bytes <= max(cache_gb * 1e9, group_bytes + 8 * 11), cache_gb
+        if cache_gb == 1.0:
+            groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in layout.dataset_frame_files(out, ["train"]))
+            assert src.cache.reads == groups == 2 * (21 + 11)  # each row group read once: all fit
+    # composition balance: LiA (two structures) and LiB (one) drawn equally often
+    comp = Counter("LiA" if w[0].startswith("a") else "LiB" for w in want)
+    assert abs(comp["LiA"] / len(want) - 0.5) < 0.05
+    assert len(src) == 3 * len(TEMPS) * (101 - k)
+
+
+def test_streaming_source_reads_unsorted_files_and_pickles(tmp_path):
+    """A frame file whose trajectories are interleaved (frame-major, as a lockstep MD writes them) gives
+    the same pairs; a pickled copy (a DataLoader worker's) opens its own files and gives them too."""
+    import pickle
+
     truth = _fake_md(tmp_path / "md", SPECS)
     out = tmp_path / "dataset"
     cfg = _cfg()
     dataset_stage.run(cfg, tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
-    trajs = dataset.load_trajectories(out, ["train"])
-    k = cfg.delta_tau_frames
-    assert k == 50
-    src = dataset.ParquetPairSource(trajs, k, slow={("b1", 600): (True, False)})
-    rng = np.random.default_rng(0)
-    pairs = [p for _ in range(200) for p in src.sample(16, rng)]
-    comp = Counter("LiA" if p.id.startswith("a") else "LiB" for p in pairs)
-    # two compositions drawn equally often although LiA has two structures
-    assert abs(comp["LiA"] / len(pairs) - 0.5) < 0.03
-    for p in pairs[:50]:
-        pos = truth[(p.id, int(p.temperature))]
-        f0 = int(np.where((pos == p.x0).all(axis=(1, 2)))[0][0])
-        np.testing.assert_array_equal(p.x1, pos[f0 + k])
-        assert p.li_slow == (p.id == "b1" and p.temperature == 600)
-    assert "c1" not in {p.id for p in pairs}
+    for part in layout.dataset_frame_files(out, ["train"]):
+        tab = pq.read_table(part)
+        order = np.lexsort((tab.column("id").to_numpy(zero_copy_only=False), tab.column("frame").to_numpy()))
+        pq.write_table(tab.take(order), part, row_group_size=7)
+    src = dataset.StreamingPairSource.open(out, ["train"], cfg.delta_tau_frames, cache_gb=0.0)
+    assert any(t.rows is not None for t in src.trajs)
+    want = _in_memory_reference(truth, cfg.delta_tau_frames, batches=5, batch=16, seed=3)
+    for s in (src, pickle.loads(pickle.dumps(src))):
+        rng = np.random.default_rng(3)
+        got = [p for _ in range(5) for p in s.sample(16, rng)]
+        assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want]
+        for p, (_, _, x0, x1) in zip(got, want):
+            np.testing.assert_array_equal(p.x0, x0)
+            np.testing.assert_array_equal(p.x1, x1)

@@ -37,8 +37,13 @@ class GraphBatch:
         """(N,) bool: lithium atoms."""
         return self.numbers == LI_Z
 
-    def to(self, device: torch.device | str) -> "GraphBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "GraphBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                for f in fields(self)})
+
+    def pin_memory(self) -> "GraphBatch":
+        """Page-locked copy, for asynchronous host-to-GPU copies."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
     def with_pos(self, pos: torch.Tensor) -> "GraphBatch":
         """Same crystals, new conditioning positions (Å)."""

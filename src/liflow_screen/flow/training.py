@@ -18,10 +18,17 @@ division, so no clamping of t near 1 is needed and t ~ U(0, 1) is used as is.
 Loss: squared error |v - u|^2 summed over Cartesian components, averaged over atoms (Å^2 per unit
 flow time squared), as the reference implementation computes it.
 
-Reproducibility: a numpy Generator draws the batches, a CPU ``torch.Generator`` draws flow times
-and all noise (so the same seed gives the same numbers on CPU and CUDA); both states go into
-``last.pt`` so a resumed run is bitwise the run that was never interrupted (on the same device).
+Reproducibility: a numpy Generator draws the batches (in the training process), and pair j of
+step s draws its flow time and noise from its own CPU ``torch.Generator`` (SeedSequence of the seed,
+s and j: :func:`pair_generators`), so the same seed gives the same numbers on CPU and CUDA, with any
+number of DataLoader workers, and split over any number of DDP processes. The numpy state goes into
+``last.pt``, so a resumed run is bitwise the run that was never interrupted (on the same device).
 Validation uses ``val_batches`` batches drawn once, with fixed flow times and noise.
+
+Several processes (torchrun; ``train.batch_size`` is per process): every process draws the same
+global batch of ``batch_size x processes`` pairs and trains on its share under
+DistributedDataParallel; each share's loss is its squared error summed over atoms divided by the
+global batch's atoms, so the averaged gradient is that of one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ CORRECTOR_VARIANTS = ("uniform", "adaptive")
 CKPT_FORMAT = "liflow-flow-checkpoint/2"
 #: train.* keys that may change between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = frozenset({"max_steps", "max_epochs", "device", "variants", "classifier_hidden",
-                            "classifier_epochs", "classifier_lr"})
+                            "classifier_epochs", "classifier_lr", "cache_gb", "loader_workers"})
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,13 @@ class Pair:
 
 
 class PairSource(Protocol):
-    """Anything that draws training pairs; must be deterministic given ``rng``."""
+    """Anything that draws training pairs; deterministic given ``rng``. ``draw`` makes every random
+    choice of a batch (cheap, in the training process), ``fetch`` turns draws into pairs (may read
+    files; runs in DataLoader workers when ``train.loader_workers`` > 0)."""
+
+    def draw(self, batch_size: int, rng: np.random.Generator) -> list[Any]: ...
+
+    def fetch(self, draws: Sequence[Any]) -> list[Pair]: ...
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]: ...
 
@@ -127,9 +140,14 @@ class ListPairSource:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def draw(self, batch_size: int, rng: np.random.Generator) -> list[int]:
+        return [int(i) for i in rng.choice(len(self.pairs), size=batch_size, replace=True, p=self.p)]
+
+    def fetch(self, draws: Sequence[int]) -> list[Pair]:
+        return [self.pairs[i] for i in draws]
+
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]:
-        idx = rng.choice(len(self.pairs), size=batch_size, replace=True, p=self.p)
-        return [self.pairs[int(i)] for i in idx]
+        return self.fetch(self.draw(batch_size, rng))
 
 
 # --------------------------------------------------------------------------- one batch
@@ -142,8 +160,13 @@ class FlowBatch:
     d1: Tensor         # (N,3) target displacement, Å
     t: Tensor          # (G,) flow time
 
-    def to(self, device: torch.device) -> "FlowBatch":
-        return FlowBatch(self.g.to(device), self.d0.to(device), self.d1.to(device), self.t.to(device))
+    def to(self, device: torch.device, non_blocking: bool = False) -> "FlowBatch":
+        return FlowBatch(self.g.to(device, non_blocking), self.d0.to(device, non_blocking=non_blocking),
+                         self.d1.to(device, non_blocking=non_blocking), self.t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "FlowBatch":
+        """Page-locked copy (DataLoader ``pin_memory``), for asynchronous host-to-GPU copies."""
+        return FlowBatch(self.g.pin_memory(), self.d0.pin_memory(), self.d1.pin_memory(), self.t.pin_memory())
 
 
 def _prior_settings(kind: str, variant: str, tr: TrainSettings) -> dict[str, Any]:
@@ -174,10 +197,31 @@ def prior_sigma_for(g: GraphBatch, prior: dict[str, Any], li_slow: Tensor, frame
     raise ValueError(f"no prior for kind {kind!r}")
 
 
-def build_batch(pairs: Sequence[Pair], kind: str, prior: dict[str, Any], gen: torch.Generator) -> FlowBatch:
-    """Draw flow times and noise for ``pairs`` (on CPU, from ``gen``) and assemble a FlowBatch."""
+def pair_generators(seed: int, step: int, n: int, offset: int = 0, stream: int = 0) -> list[torch.Generator]:
+    """One CPU generator per pair of batch ``step``: pair ``offset + j`` of the global batch gets the
+    stream SeedSequence([seed, stream, step, offset + j]), so a pair's noise does not depend on how the
+    batch is split over processes (DDP) or on which process builds it (DataLoader workers).
+    ``stream``: 0 training, 1 validation."""
+    gens = []
+    for j in range(offset, offset + n):
+        s = int(np.random.SeedSequence([int(seed), int(stream), int(step), j]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        gens.append(torch.Generator().manual_seed(s))
+    return gens
+
+
+def build_batch(pairs: Sequence[Pair], kind: str, prior: dict[str, Any],
+                gen: torch.Generator | Sequence[torch.Generator]) -> FlowBatch:
+    """Draw flow times and noise for ``pairs`` (on CPU) and assemble a FlowBatch.
+
+    ``gen``: one generator per pair (:func:`pair_generators`), or one shared by all pairs in turn.
+    Per pair, in this order: the Corrector's σ' (n) and D (n, 3), the flow time t, the prior D0 (n, 3).
+    """
     for p in pairs:
         p.check()
+    gens = list(gen) if isinstance(gen, Sequence) else [gen] * len(pairs)
+    if len(gens) != len(pairs):
+        raise ValueError(f"{len(gens)} generators for {len(pairs)} pairs")
+    sizes = [len(p.numbers) for p in pairs]
     temps = [float(p.temperature) for p in pairs]
     li_slow = torch.tensor([bool(p.li_slow) for p in pairs])
     fr_slow = torch.tensor([bool(p.frame_slow) for p in pairs])
@@ -187,31 +231,120 @@ def build_batch(pairs: Sequence[Pair], kind: str, prior: dict[str, Any], gen: to
         d1 = x1 - g.pos
     else:
         g0 = make_batch([p.numbers for p in pairs], [p.x1 for p in pairs], [p.cell for p in pairs], temps)
-        n = g0.pos.shape[0]
-        sig = torch.rand(n, generator=gen) * float(prior["sigma_max"])            # σ' ~ U(0, σ_max), Å
-        noise = torch.randn(n, 3, generator=gen) * sig.unsqueeze(-1)                # D ~ N(0, σ'^2)
-        g = g0.with_pos(g0.pos + noise)                                             # X~ = X + D
-        d1 = -noise                                                                 # D1 = -D
-    t = torch.rand(g.n_graphs, generator=gen)
+        smax = float(prior["sigma_max"])
+        parts = []
+        for n, gj in zip(sizes, gens):
+            sig = torch.rand(n, generator=gj) * smax                 # σ' ~ U(0, σ_max) per atom, Å
+            parts.append(torch.randn(n, 3, generator=gj) * sig.unsqueeze(-1))  # D ~ N(0, σ'^2)
+        noise = torch.cat(parts)
+        g = g0.with_pos(g0.pos + noise)                               # X~ = X + D
+        d1 = -noise                                                   # D1 = -D
+    t = torch.cat([torch.rand(1, generator=gj) for gj in gens])
     if prior["kind"] == "none":
         d0 = torch.zeros_like(d1)
     else:
         sigma = prior_sigma_for(g, prior, li_slow, fr_slow)
-        d0 = sample_prior(sigma, generator=gen).to(d1.dtype)
+        z = torch.cat([torch.randn(n, 3, generator=gj) for n, gj in zip(sizes, gens)])
+        d0 = (z * sigma.unsqueeze(-1)).to(d1.dtype)
     return FlowBatch(g=g, d0=d0, d1=d1, t=t)
 
 
-def flow_loss(model: FlowModel, b: FlowBatch, regressor: bool = False) -> Tensor:
+def flow_loss(model: FlowModel, b: FlowBatch, regressor: bool = False, n_atoms: int | None = None) -> Tensor:
     """CFM loss on one batch: mean over atoms of |v(D_t, t) - (D1 - D0)|^2 (Å^2);
-    regressor: mean over atoms of |model(0, 0) - D1|^2."""
+    regressor: mean over atoms of |model(0, 0) - D1|^2. ``n_atoms``: divide the sum by this instead
+    (the atoms of the global batch, when this batch is one process's share of it)."""
     cond = model.condition(b.g)
     if regressor:
         pred = model(torch.zeros_like(b.d1), torch.zeros_like(b.t), b.g, cond)
-        return ((pred - b.d1) ** 2).sum(-1).mean()
-    tn = b.t[b.g.batch].unsqueeze(-1)
-    dt = (1.0 - tn) * b.d0 + tn * b.d1
-    v = model(dt, b.t, b.g, cond)
-    return ((v - (b.d1 - b.d0)) ** 2).sum(-1).mean()
+        sq = ((pred - b.d1) ** 2).sum(-1)
+    else:
+        tn = b.t[b.g.batch].unsqueeze(-1)
+        dt = (1.0 - tn) * b.d0 + tn * b.d1
+        v = model(dt, b.t, b.g, cond)
+        sq = ((v - (b.d1 - b.d0)) ** 2).sum(-1)
+    return sq.mean() if n_atoms is None else sq.sum() / n_atoms
+
+
+class _Loss(torch.nn.Module):
+    """The training loss as a module, so that DistributedDataParallel wraps the whole computation."""
+
+    def __init__(self, model: FlowModel, regressor: bool) -> None:
+        super().__init__()
+        self.model, self.regressor = model, regressor
+
+    def forward(self, b: FlowBatch, n_atoms: int) -> Tensor:
+        return flow_loss(self.model, b, self.regressor, n_atoms)
+
+
+@dataclass
+class _Step:
+    """One optimizer step's share of the global batch: its draws and the rng state after them."""
+
+    step: int              # 1-based optimizer step
+    draws: list[Any]       # this process's share of the global batch's draws
+    offset: int            # index of draws[0] in the global batch
+    n_atoms: int           # atoms in the global batch
+    rng_state: str         # numpy generator state after drawing this step (JSON), for resuming
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """``_Step`` -> (step, rng state, FlowBatch): reads the pairs and draws their noise; runs in
+    DataLoader workers (each with its own copy of the source and of its cache)."""
+
+    def __init__(self, src: PairSource, kind: str, prior: dict[str, Any], noise_seed: int) -> None:
+        self.src, self.kind, self.prior, self.noise_seed = src, kind, prior, noise_seed
+
+    def __len__(self) -> int:  # not used: the sampler drives
+        return 0
+
+    def __getitem__(self, st: _Step) -> tuple[_Step, FlowBatch]:
+        pairs = self.src.fetch(st.draws)
+        gens = pair_generators(self.noise_seed, st.step, len(pairs), st.offset)
+        return st, build_batch(pairs, self.kind, self.prior, gens)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Draws the global batch of every step in order, in the training process (all randomness of
+    the batch selection is here, so it does not depend on the number of workers), and yields this
+    process's share."""
+
+    def __init__(self, src: PairSource, rng: np.random.Generator, first: int, last: int, per_rank: int,
+                 rank: int, world: int, atoms_of: Any) -> None:
+        self.src, self.rng, self.first, self.last = src, rng, first, last
+        self.per_rank, self.rank, self.world, self.atoms_of = per_rank, rank, world, atoms_of
+
+    def __iter__(self):
+        for step in range(self.first, self.last + 1):
+            draws = self.src.draw(self.per_rank * self.world, self.rng)
+            lo = self.rank * self.per_rank
+            yield _Step(step, draws[lo:lo + self.per_rank], lo, sum(self.atoms_of(d) for d in draws),
+                        json.dumps(self.rng.bit_generator.state))
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+
+def _atoms_counter(src: PairSource):
+    """draw -> atoms of its pair, without reading positions where the source knows (streaming)."""
+    trajs = getattr(src, "trajs", None)
+    if trajs is not None:
+        return lambda d: len(trajs[d[0]].numbers)
+    pairs = getattr(src, "pairs", None)
+    if pairs is not None:
+        return lambda d: len(pairs[d].numbers)
+    return lambda d: len(src.fetch([d])[0].numbers)
+
+
+def _collate(item: Any) -> Any:
+    return item
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process under torchrun (0, 1, 0 otherwise)."""
+    import os
+
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -287,7 +420,7 @@ def train_flow(
     batch_size = tr.batch_size
     total = int(max_steps if max_steps is not None else tr.max_steps)
     if max_steps is None and tr.max_epochs is not None:
-        by_epochs = max(1, math.ceil(tr.max_epochs * len(train_src) / batch_size))
+        by_epochs = max(1, math.ceil(tr.max_epochs * len(train_src) / (batch_size * distributed()[1])))
         if by_epochs < total:
             log.info("%s/%s: %d steps = train.max_epochs %d x %d pairs / batch %d (< train.max_steps %d)", kind,
                      variant, by_epochs, tr.max_epochs, len(train_src), batch_size, total)
@@ -311,18 +444,27 @@ def train_flow(
         if not math.isclose(float(init.get("delta_tau_ps") or float("nan")), dtau, rel_tol=1e-6):
             raise InputError(f"{init_from} was trained with Δτ = {init.get('delta_tau_ps')} ps, the dataset's "
                              f"pairs are {dtau} ps apart (dataset.delta_tau_ps)")
+    rank, world, local_rank = distributed()
     device = torch.device(resolve_device(tr.device, key="train.device"))
+    if world > 1:
+        if not torch.distributed.is_initialized():
+            raise ConfigError(f"WORLD_SIZE={world}: run through liflow-screen's train command under torchrun "
+                              "(it starts the process group)")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_digest({"train": {k: v for k, v in dataclasses.asdict(tr).items() if k not in RESUMABLE_KEYS},
-                            "seed": seed,
+                            "seed": seed, "world_size": world,
                             "init_from": None if init_from is None else str(init_from)})
 
     s_batch, s_noise, s_val = _seeds(seed, kind)
-    # Fixed validation set: batches, flow times and noise drawn once from their own generators.
+    # Fixed validation set: batches, flow times and noise drawn once from their own streams (every
+    # process of a distributed run builds and evaluates the same set).
     vrng = np.random.default_rng(s_val)
-    vgen = torch.Generator().manual_seed(s_val)
-    val = [build_batch(val_src.sample(batch_size, vrng), kind, prior, vgen).to(device) for _ in range(n_val)]
+    val = [build_batch(val_src.sample(batch_size, vrng), kind, prior,
+                       pair_generators(s_val, v, batch_size, stream=1)).to(device) for v in range(n_val)]
 
     if init is not None:
         model = FlowModel(**init["hparams"])
@@ -332,7 +474,6 @@ def train_flow(
         model = _model_from_settings(tr, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(s_batch)
-    gen = torch.Generator().manual_seed(s_noise)
     step, best, best_step, since, stopped = 0, float("inf"), 0, 0, False
     history: list[dict[str, Any]] = []
     wall_prev = 0.0
@@ -352,7 +493,6 @@ def train_flow(
         step, best, best_step, since, stopped = (int(st["step"]), float(st["best"]), int(st["best_step"]),
                                                  int(st["since"]), bool(st["stopped"]))
         rng.bit_generator.state = json.loads(st["np_rng"])
-        gen.set_state(ck["torch_rng"])
         history = list(st["history"])
         wall_prev = float(st["wall_s"])
         best_state, best_val_loss = ck.get("best_model"), float(st.get("best", float("nan")))
@@ -361,46 +501,71 @@ def train_flow(
             "delta_tau_ps": settings.dataset.delta_tau_ps,
             "fine_tuned_from": None if init is None else {
                 "file": str(init_from), "imported_from": init.get("imported_from"), "step": init.get("step")}}
+    rng_state = json.dumps(rng.bit_generator.state)  # after the last completed step's draws
 
     def write_last(wall: float) -> None:
+        if rank != 0:
+            return
         _save({
             "format": CKPT_FORMAT, **meta, "train_digest": digest,
             "model": _cpu_state(model), "optimizer": opt.state_dict(),
             "best_model": best_state,  # so best.pt can be rebuilt if it was removed (e.g. by Snakemake)
-            "torch_rng": gen.get_state(),
             "state": {"step": step, "best": best, "best_step": best_step, "since": since, "stopped": stopped,
-                      "np_rng": json.dumps(rng.bit_generator.state), "history": history, "wall_s": wall},
+                      "np_rng": rng_state, "history": history, "wall_s": wall, "world_size": world},
             "provenance": provenance(settings),
         }, last_path)
 
     def write_best() -> None:
+        if rank != 0:
+            return
         _save({"format": CKPT_FORMAT, **meta, "model": best_state, "step": best_step,
                "val_loss": best_val_loss, "provenance": provenance(settings)}, best_path)
 
     def write_history(wall: float) -> None:
+        if rank != 0:
+            return
         write_json_atomic(out_dir / "history.json", {
             **meta, "history": history, "best_val": best, "best_step": best_step, "steps": step,
-            "stopped_early": stopped, "wall_s": wall, "provenance": provenance(settings)})
+            "stopped_early": stopped, "wall_s": wall, "world_size": world, "provenance": provenance(settings)})
+
+    loss_module: torch.nn.Module = _Loss(model, regressor)
+    if world > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    workers = int(tr.loader_workers)
+    fetch_src = train_src
+    if workers > 0 and hasattr(train_src, "cache_bytes"):  # the cache bound holds for all workers together
+        fetch_src = copy.copy(train_src)
+        fetch_src.cache_bytes = train_src.cache_bytes // workers
+    sampler = _StepSampler(train_src, rng, step + 1, total, batch_size, rank, world, _atoms_counter(train_src))
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(fetch_src, kind, prior, s_noise), batch_size=None, sampler=sampler, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
     t_start = time.perf_counter()
     steps_start = step
     model.train()
     running: list[float] = []
-    bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc=f"{kind}/{variant}",
+    bar = tqdm(total=total, initial=min(step, total), disable=not progress or rank != 0, desc=f"{kind}/{variant}",
                unit="step", dynamic_ncols=True)
+    it = iter(loader)
     try:
         while step < total and not stopped:
-            b = build_batch(train_src.sample(batch_size, rng), kind, prior, gen).to(device)
-            loss = flow_loss(model, b, regressor)
-            if not torch.isfinite(loss):
+            st, b = next(it)
+            b = b.to(device, non_blocking=True)
+            loss = loss_module(b, st.n_atoms) * world  # DDP averages gradients over processes: sum / atoms
+            report = loss.detach() / world
+            if world > 1:
+                torch.distributed.all_reduce(report)
+            if not torch.isfinite(report):
                 raise InputError(f"{kind}/{variant}: non-finite training loss at step {step + 1} "
                                  "(check the training pairs for huge displacements)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-            step += 1
-            running.append(float(loss.detach()))
+            step, rng_state = st.step, st.rng_state
+            running.append(float(report))
             bar.update(1)
             if step % val_every == 0 or step == total:
                 vloss = _validate(model, val, regressor)
@@ -421,15 +586,18 @@ def train_flow(
                 write_history(wall)
     finally:
         bar.close()
-    if not best_path.is_file() and best_state is not None:
+        del it  # stops the workers
+    if rank == 0 and not best_path.is_file() and best_state is not None:
         write_best()  # resumed after best.pt was removed: restore it from last.pt
+    if world > 1:
+        torch.distributed.barrier()
     wall = wall_prev + time.perf_counter() - t_start
     session = time.perf_counter() - t_start
     return {
         "kind": kind, "variant": variant, "steps": step, "best_val": best, "best_step": best_step,
         "wall_s": wall, "params": model.n_parameters(),
         "steps_per_s": (step - steps_start) / session if session > 0 and step > steps_start else float("nan"),
-        "stopped_early": stopped, "device": str(device),
+        "stopped_early": stopped, "device": str(device), "world_size": world,
     }
 
 

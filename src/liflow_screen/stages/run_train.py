@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..io import layout, schema
-from ..dataset.loader import ParquetPairSource, load_trajectories
+from ..dataset.loader import StreamingPairSource, index_trajectories
 from ..core.errors import InputError, SchemaError
 from ..core.settings import Settings
 from ..io.files import provenance, write_json_atomic
@@ -68,17 +68,26 @@ def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, ou
                 init_from: str | Path | None = None) -> dict[str, Any]:
     """Train a Propagator (variant adaptive | uniform | isotropic | regressor) or the Corrector,
     from scratch or fine-tuning the flow-model checkpoint ``init_from``."""
-    from ..flow.training import train_flow
+    import torch
+
+    from ..core.runtime import resolve_device
+    from ..flow.training import distributed, train_flow
 
     root = Path(dataset_dir)
-    train = load_trajectories(root, ["train"])
-    val = load_trajectories(root, ["val"])
-    if not train:
+    k = settings.delta_tau_frames
+    # the validation pairs are drawn once; the training source gets the cache
+    cache = settings.train.cache_gb
+    refs, files = index_trajectories(root, ["train"])
+    if not refs:
         raise SchemaError(f"{root}: no train-split trajectories to train on")
-    if not val:
+    train_src = StreamingPairSource(refs, files, k, cache_gb=cache)
+    refs, files = index_trajectories(root, ["val"])
+    if refs:
+        val_src = StreamingPairSource(refs, files, k, cache_gb=min(cache, 0.25))
+    else:
         log.warning("no val-split trajectories: validating on the train split (early stopping is then optimistic)")
-        val = train
-    slow = None
+        val_src = train_src
+    train, val = train_src.trajs, val_src.trajs
     if kind == "propagator" and variant == "adaptive":
         keys = sorted({(t.id, t.temperature) for t in train + val})
         if settings.train.prior_classes == "labels":  # Appendix D.4: fixed per T from the training MSD
@@ -95,6 +104,7 @@ def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, ou
                                  "train.prior_classes is 'labels'")
             structs = schema.read_df(root / layout.STRUCTURES, "structures")
             slow = slow_map(selector_predictions(selector, structs, keys))
+        train_src.slow = val_src.slow = slow
     if init_from is not None:  # the model to fine-tune must have an embedding for every element
         from ..flow.training import load_flow
 
@@ -104,11 +114,23 @@ def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, ou
             raise InputError(f"cannot fine-tune {init_from}: the training data holds {', '.join(missing)}, "
                              "outside its element table (give pretrained.element_index, or leave those "
                              "structures out of the MD)")
-    k = settings.delta_tau_frames
-    _discard_stale_state(Path(out_dir), settings, root, kind, variant, selector, init_from)
     corr_variant = "uniform" if kind == "corrector" else variant
-    summary = train_flow(kind, corr_variant, settings, ParquetPairSource(train, k, slow), ParquetPairSource(val, k, slow),
-                         Path(out_dir), max_steps=max_steps, progress=True, init_from=init_from)
+    rank, world, _ = distributed()
+    started = False
+    if world > 1 and not torch.distributed.is_initialized():  # under torchrun: one process per GPU / CPU share
+        backend = "nccl" if resolve_device(settings.train.device, key="train.device") == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+        started = True
+    try:
+        if rank == 0:
+            _discard_stale_state(Path(out_dir), settings, root, kind, variant, selector, init_from)
+        if world > 1:
+            torch.distributed.barrier()
+        summary = train_flow(kind, corr_variant, settings, train_src, val_src, Path(out_dir), max_steps=max_steps,
+                             progress=True, init_from=init_from)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
     log.info("%s/%s: %s", kind, variant, {k: summary[k] for k in ("steps", "best_val", "steps_per_s") if k in summary})
     return summary
 
