@@ -39,7 +39,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -347,6 +348,21 @@ def distributed() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+@contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1): start the process group for the block (NCCL when training on
+    CUDA, gloo on CPU) and end it after; otherwise nothing."""
+    started = False
+    if distributed()[1] > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if resolve_device(device, key="train.device") == "cuda" else "gloo")
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- helpers
 def _seeds(seed: int, kind: str) -> tuple[int, int, int]:
     """Independent seeds for (batch sampling, training noise, validation set) from the master seed."""
@@ -463,8 +479,8 @@ def train_flow(
     # Fixed validation set: batches, flow times and noise drawn once from their own streams (every
     # process of a distributed run builds and evaluates the same set).
     vrng = np.random.default_rng(s_val)
-    val = [build_batch(val_src.sample(batch_size, vrng), kind, prior,
-                       pair_generators(s_val, v, batch_size, stream=1)).to(device) for v in range(n_val)]
+    val = [build_batch(val_src.sample(batch_size * world, vrng), kind, prior,
+                       pair_generators(s_val, v, batch_size * world, stream=1)).to(device) for v in range(n_val)]
 
     if init is not None:
         model = FlowModel(**init["hparams"])

@@ -70,8 +70,7 @@ def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, ou
     from scratch or fine-tuning the flow-model checkpoint ``init_from``."""
     import torch
 
-    from ..core.runtime import resolve_device
-    from ..flow.training import distributed, train_flow
+    from ..flow.training import distributed, process_group, train_flow
 
     root = Path(dataset_dir)
     k = settings.delta_tau_frames
@@ -116,21 +115,13 @@ def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, ou
                              "structures out of the MD)")
     corr_variant = "uniform" if kind == "corrector" else variant
     rank, world, _ = distributed()
-    started = False
-    if world > 1 and not torch.distributed.is_initialized():  # under torchrun: one process per GPU / CPU share
-        backend = "nccl" if resolve_device(settings.train.device, key="train.device") == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        started = True
-    try:
+    with process_group(settings.train.device):  # under torchrun: one process per GPU / CPU share
         if rank == 0:
             _discard_stale_state(Path(out_dir), settings, root, kind, variant, selector, init_from)
         if world > 1:
             torch.distributed.barrier()
         summary = train_flow(kind, corr_variant, settings, train_src, val_src, Path(out_dir), max_steps=max_steps,
                              progress=True, init_from=init_from)
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
     log.info("%s/%s: %s", kind, variant, {k: summary[k] for k in ("steps", "best_val", "steps_per_s") if k in summary})
     return summary
 
