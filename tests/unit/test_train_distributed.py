@@ -91,3 +91,35 @@ def test_ddp_two_processes_match_one_with_the_doubled_batch(tmp_path: Path) -> N
     assert np.abs(l3 / l1 - 1).max() > 1e-2
     print(f"DDP 2x8 vs 1x16: train loss max rel. diff {np.abs(l2 / l1 - 1).max():.1e}, val {np.abs(v2 / v1 - 1).max():.1e}, "
           f"weights {max(float((w1[k] - w2[k]).abs().max()) for k in w1):.1e}; 1x8: {np.abs(l3 / l1 - 1).max():.1e}")
+
+
+@pytest.mark.timeout(300)
+def test_train_command_under_torchrun_streams_and_matches_one_process(tmp_path: Path) -> None:
+    """The train stage as the workflow runs it with train.processes: 2 (torchrun, gloo), pairs streamed
+    from a dataset folder by a DataLoader worker per process: the loss curve of one process with the
+    doubled batch and no workers."""
+    from test_dataset import SPECS, _cfg as ds_cfg, _fake_md, md_files
+
+    from liflow_screen.stages import run_dataset
+
+    _fake_md(tmp_path / "md", SPECS)
+    run_dataset.run(ds_cfg(), tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), tmp_path / "dataset")
+    common = ("md: {temperatures: [600, 1000], timestep_fs: 2.0, save_every: 10, duration_ps: 2.0}\n"
+              "train: {features: 16, radial: 8, layers: 2, cutoff: 3.0, max_steps: 6, val_every: 2, "
+              "val_batches: 2, prior_classes: labels, device: cpu, cache_gb: 0.001, ")
+    (tmp_path / "two.yaml").write_text(common + "batch_size: 4, processes: 2, loader_workers: 1}\n")
+    (tmp_path / "one.yaml").write_text(common + "batch_size: 8, processes: 1, loader_workers: 0}\n")
+    env = {"OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    args = ["train", "--threads", "1", "--dataset", "dataset", "--kind", "propagator", "--variant", "adaptive"]
+    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "liflow_screen", *args, "--config", "two.yaml", "--out-dir", "out_two"],
+            "one": [sys.executable, "-m", "liflow_screen", *args, "--config", "one.yaml", "--out-dir", "out_one"]}
+    for cmd in runs.values():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    h1, h2 = (json.loads((tmp_path / f"out_{k}" / "history.json").read_text()) for k in ("one", "two"))
+    assert (h1["world_size"], h2["world_size"], h2["steps"]) == (1, 2, 6)
+    np.testing.assert_allclose([h["train_loss"] for h in h2["history"]], [h["train_loss"] for h in h1["history"]],
+                               rtol=1e-5)
+    np.testing.assert_allclose([h["val_loss"] for h in h2["history"]], [h["val_loss"] for h in h1["history"]],
+                               rtol=1e-5)

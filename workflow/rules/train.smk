@@ -25,6 +25,12 @@ rule train_selector:
 
 
 FINETUNE = S.train.init_from == "published"
+# train.processes > 1: DistributedDataParallel, one process per GPU (or CPU share), under torchrun
+TRAIN_LAUNCH = (
+    f"torchrun --standalone --nproc_per_node {S.train.processes} -m liflow_screen"
+    if S.train.processes > 1
+    else "python -m liflow_screen"
+)
 
 
 rule import_model:
@@ -73,11 +79,13 @@ rule train_propagator:
         dataset=lambda w, input: os.path.dirname(input.structures),
         out_dir=lambda w, output: os.path.dirname(output.model),
         init=lambda w, input: f"--init-from {input.init}" if input.init else "",
+        launch=TRAIN_LAUNCH,
+        threads=lambda w, threads: max(1, threads // S.train.processes),
         selector=lambda w, input: (
             f"--selector {input.selector}" if input.selector else ""
         ),
     shell:
-        "python -m liflow_screen train --config {params.config} --threads {threads} --dataset {params.dataset} {params.selector} "
+        "{params.launch} train --config {params.config} --threads {params.threads} --dataset {params.dataset} {params.selector} "
         "--kind propagator --variant {wildcards.variant} {params.init} --out-dir {params.out_dir} 2> {log}"
 
 
@@ -105,6 +113,8 @@ rule train_corrector:
         dataset=lambda w, input: os.path.dirname(input.structures),
         out_dir=lambda w, output: os.path.dirname(output.model),
         init=lambda w, input: f"--init-from {input.init}" if input.init else "",
+        launch=TRAIN_LAUNCH,
+        threads=lambda w, threads: max(1, threads // S.train.processes),
     shell:
-        "python -m liflow_screen train --config {params.config} --threads {threads} --dataset {params.dataset} --kind corrector "
+        "{params.launch} train --config {params.config} --threads {params.threads} --dataset {params.dataset} --kind corrector "
         "--variant corrector {params.init} --out-dir {params.out_dir} 2> {log}"

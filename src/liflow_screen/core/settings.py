@@ -130,6 +130,7 @@ class TrainSettings(_Section):
     max_epochs: int | None  # passes over the distinct training pairs; caps max_steps on small data
     cache_gb: float  # GB of decoded frame row groups held by the training pair source
     loader_workers: int  # DataLoader worker processes reading pairs ahead
+    processes: int  # DDP training processes (torchrun); batch_size is per process
     val_every: int
     val_batches: int
     patience: int

@@ -467,6 +467,9 @@ def train_flow(
             raise ConfigError(f"WORLD_SIZE={world}: run through liflow-screen's train command under torchrun "
                               "(it starts the process group)")
         if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"training process {local_rank} of {world} on this node, but "
+                                  f"{torch.cuda.device_count()} GPU(s) visible (train.processes: one per GPU)")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
     out_dir = Path(out_dir)
