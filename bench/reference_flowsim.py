@@ -184,26 +184,37 @@ def _load_module(flow_module_cls: type, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def load_reference(repo: Path = DEFAULT_REFERENCE_REPO, ckpt_dir: Path = DEFAULT_CKPT_DIR, *,
-                   torch_scatter_src: Path = DEFAULT_TORCH_SCATTER_SRC) -> ReferenceFlowSim:
-    """Import the reference package from ``repo`` (a tree of commit e6fc475 holding ``liflow/``) and load
-    ``P_universal.ckpt`` and ``C_universal.ckpt`` from ``ckpt_dir`` into their ``FlowModule`` on CPU."""
-    repo, ckpt_dir = Path(repo).resolve(), Path(ckpt_dir)
+def import_reference(repo: Path = DEFAULT_REFERENCE_REPO, *, torch_scatter_src: Path = DEFAULT_TORCH_SCATTER_SRC,
+                     blobs: dict[str, str] | None = None) -> tuple[Path, tuple[str, ...], str]:
+    """Make the reference package in ``repo`` (a tree of commit e6fc475 holding ``liflow/``) importable
+    and check it: returns (resolved repo, files whose git blob id differs from ``blobs`` (default
+    REFERENCE_BLOBS) or that are missing, torch_scatter origin). Raises if ``liflow`` would be imported
+    from elsewhere or its ``scatter_sum`` is not torch_scatter's."""
+    repo = Path(repo).resolve()
     if not (repo / "liflow" / "utils" / "inference.py").is_file():
         raise FileNotFoundError(f"{repo} is not a tree of learningmatter-mit/liflow (no liflow/utils/inference.py)")
-    mismatched = tuple(f for f, blob in REFERENCE_BLOBS.items()
+    mismatched = tuple(f for f, blob in (REFERENCE_BLOBS if blobs is None else blobs).items()
                        if not (repo / f).is_file() or _git_blob_id(repo / f) != blob)
     scatter = _import_torch_scatter(Path(torch_scatter_src))
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
+    layers = importlib.import_module("liflow.model.layers")
+    if Path(layers.__file__).resolve().parents[2] != repo:
+        raise ImportError(f"liflow was imported from {layers.__file__}, not from {repo}")
+    if inspect.getmodule(layers.scatter_sum).__name__ != "torch_scatter.scatter":  # type: ignore[union-attr]
+        raise ImportError("liflow.model.layers.scatter_sum is not torch_scatter's scatter_sum")
+    return repo, mismatched, scatter
+
+
+def load_reference(repo: Path = DEFAULT_REFERENCE_REPO, ckpt_dir: Path = DEFAULT_CKPT_DIR, *,
+                   torch_scatter_src: Path = DEFAULT_TORCH_SCATTER_SRC) -> ReferenceFlowSim:
+    """Import the reference package from ``repo`` (a tree of commit e6fc475 holding ``liflow/``) and load
+    ``P_universal.ckpt`` and ``C_universal.ckpt`` from ``ckpt_dir`` into their ``FlowModule`` on CPU."""
+    repo, mismatched, scatter = import_reference(repo, torch_scatter_src=torch_scatter_src)
+    ckpt_dir = Path(ckpt_dir)
     inference = importlib.import_module("liflow.utils.inference")
     modules = importlib.import_module("liflow.model.modules")
     prior = importlib.import_module("liflow.utils.prior")
-    layers = importlib.import_module("liflow.model.layers")
-    if Path(inference.__file__).resolve().parents[2] != repo:
-        raise ImportError(f"liflow was imported from {inference.__file__}, not from {repo}")
-    if inspect.getmodule(layers.scatter_sum).__name__ != "torch_scatter.scatter":  # type: ignore[union-attr]
-        raise ImportError("liflow.model.layers.scatter_sum is not torch_scatter's scatter_sum")
 
     ckpts = {name: ckpt_dir / f"{name}.ckpt" for name in ("P_universal", "C_universal")}
     prop = _load_module(modules.FlowModule, ckpts["P_universal"])

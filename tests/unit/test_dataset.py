@@ -170,44 +170,47 @@ def _in_memory_reference(truth, k: int, batches: int, batch: int, seed: int):
     return out
 
 
-def test_streaming_pairs_are_the_in_memory_pairs_whatever_the_cache(tmp_path, monkeypatch):
+def test_streaming_pairs_are_the_in_memory_pairs(tmp_path):
     truth = _fake_md(tmp_path / "md", SPECS)
     out = tmp_path / "dataset"
     cfg = _cfg()
-    # row groups of 10 frames, so that pairs span row groups and the cache must evict
-    monkeypatch.setattr(dataset_stage, "FRAME_ROW_GROUP_BYTES", 12 * 8 * 10)
     dataset_stage.run(cfg, tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), out)
     k = cfg.delta_tau_frames
     assert k == 50
-    part = layout.dataset_frame_files(out, ["train"])[0]
-    assert pq.ParquetFile(part).metadata.num_row_groups == 21  # 2 structures x 101 frames / 10
-    t = pq.read_table(part, columns=["id", "frame"]).to_pandas()
-    assert t.equals(t.sort_values(["id", "frame"], ignore_index=True))  # contiguous, in order
+    for part in layout.dataset_frame_files(out):
+        t = pq.read_table(part, columns=["id", "frame"]).to_pandas()
+        assert t.equals(t.sort_values(["id", "frame"], ignore_index=True))  # contiguous, in order
+        # the sidecar holds exactly the Parquet rows' positions, raw float32
+        raw = np.fromfile(layout.positions_sidecar(part), dtype="<f4")
+        want = np.concatenate(pq.read_table(part, columns=["positions"]).column(0).to_pylist())
+        np.testing.assert_array_equal(raw, np.asarray(want, dtype=np.float32))
     want = _in_memory_reference(truth, k, batches=30, batch=16, seed=0)
-    group_bytes = 10 * 8 * 3 * 4
-    for cache_gb in (1.0, 0.0, 3 * group_bytes / 1e9):
-        src = dataset.StreamingPairSource.open(out, ["train"], k, slow={("b1", 600): (True, False)},
-                                               cache_gb=cache_gb)
-        rng = np.random.default_rng(0)
-        got = [p for _ in range(30) for p in src.sample(16, rng)]
-        assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want], cache_gb
-        for p, (_, _, x0, x1) in zip(got, want):
-            np.testing.assert_array_equal(p.x0, x0)
-            np.testing.assert_array_equal(p.x1, x1)
-            assert p.li_slow == (p.id == "b1" and p.temperature == 600) and not p.frame_slow
-        assert src.cache.peak_bytes <= max(cache_gb * 1e9, group_bytes + 8 * 11), cache_gb
-        if cache_gb == 1.0:
-            groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in layout.dataset_frame_files(out, ["train"]))
-            assert src.cache.reads == groups == 2 * (21 + 11)  # each row group read once: all fit
+    src = dataset.StreamingPairSource.open(out, ["train"], k, slow={("b1", 600): (True, False)})
+    rng = np.random.default_rng(0)
+    got = [p for _ in range(30) for p in src.sample(16, rng)]
+    assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want]
+    for p, (_, _, x0, x1) in zip(got, want):
+        np.testing.assert_array_equal(p.x0, x0)
+        np.testing.assert_array_equal(p.x1, x1)
+        assert p.li_slow == (p.id == "b1" and p.temperature == 600) and not p.frame_slow
+    assert src.raw.reads == 2 * len(got)
     # composition balance: LiA (two structures) and LiB (one) drawn equally often
     comp = Counter("LiA" if w[0].startswith("a") else "LiB" for w in want)
     assert abs(comp["LiA"] / len(want) - 0.5) < 0.05
     assert len(src) == 3 * len(TEMPS) * (101 - k)
+    # a sidecar that does not match its Parquet file is refused at open, with the file named
+    side = layout.positions_sidecar(layout.dataset_frame_files(out, ["train"])[0])
+    side.write_bytes(side.read_bytes()[:-12])
+    with pytest.raises(SchemaError, match=r"part-00000\.f32.*rebuild the dataset"):
+        dataset.StreamingPairSource.open(out, ["train"], k)
+    side.unlink()
+    with pytest.raises(SchemaError, match="missing"):
+        dataset.StreamingPairSource.open(out, ["train"], k)
 
 
 def test_streaming_source_reads_unsorted_files_and_pickles(tmp_path):
-    """A frame file whose trajectories are interleaved (frame-major, as a lockstep MD writes them) gives
-    the same pairs; a pickled copy (a DataLoader worker's) opens its own files and gives them too."""
+    """A frame file (and sidecar) whose trajectories are interleaved (frame-major, as a lockstep MD
+    writes them) gives the same pairs; a pickled copy (a DataLoader worker's) opens its own files."""
     import pickle
 
     truth = _fake_md(tmp_path / "md", SPECS)
@@ -217,9 +220,11 @@ def test_streaming_source_reads_unsorted_files_and_pickles(tmp_path):
     for part in layout.dataset_frame_files(out, ["train"]):
         tab = pq.read_table(part)
         order = np.lexsort((tab.column("id").to_numpy(zero_copy_only=False), tab.column("frame").to_numpy()))
-        pq.write_table(tab.take(order), part, row_group_size=7)
-    src = dataset.StreamingPairSource.open(out, ["train"], cfg.delta_tau_frames, cache_gb=0.0)
-    assert any(t.rows is not None for t in src.trajs)
+        tab = tab.take(order)
+        pq.write_table(tab, part)
+        np.asarray(np.concatenate(tab.column("positions").to_pylist()), "<f4").tofile(layout.positions_sidecar(part))
+    src = dataset.StreamingPairSource.open(out, ["train"], cfg.delta_tau_frames)
+    assert any(t.offsets is not None for t in src.trajs)
     want = _in_memory_reference(truth, cfg.delta_tau_frames, batches=5, batch=16, seed=3)
     for s in (src, pickle.loads(pickle.dumps(src))):
         rng = np.random.default_rng(3)

@@ -106,7 +106,7 @@ def test_train_command_under_torchrun_streams_and_matches_one_process(tmp_path: 
     run_dataset.run(ds_cfg(), tmp_path / "md" / "manifest.parquet", md_files(tmp_path / "md"), tmp_path / "dataset")
     common = ("md: {temperatures: [600, 1000], timestep_fs: 2.0, save_every: 10, duration_ps: 2.0}\n"
               "train: {features: 16, radial: 8, layers: 2, cutoff: 3.0, max_steps: 6, val_every: 2, "
-              "val_batches: 2, prior_classes: labels, device: cpu, cache_gb: 0.001, ")
+              "val_batches: 2, prior_classes: labels, device: cpu, ")
     (tmp_path / "two.yaml").write_text(common + "batch_size: 4, processes: 2, loader_workers: 1}\n")
     (tmp_path / "one.yaml").write_text(common + "batch_size: 8, processes: 1, loader_workers: 0}\n")
     env = {"OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
@@ -123,3 +123,20 @@ def test_train_command_under_torchrun_streams_and_matches_one_process(tmp_path: 
                                rtol=1e-5)
     np.testing.assert_allclose([h["val_loss"] for h in h2["history"]], [h["val_loss"] for h in h1["history"]],
                                rtol=1e-5)
+
+
+def test_bf16_autocast_trains_to_the_same_validation_loss(tmp_path: Path) -> None:
+    """train.precision: bf16 runs the training forward under autocast: not the fp32 numbers (so it is
+    really on), but the validation loss (always fp32) after training within 5 % of fp32's."""
+    tr, va = ListPairSource(_pairs(64, seed=1)), ListPairSource(_pairs(16, seed=2))
+    vals = {}
+    for prec in ("fp32", "bf16"):
+        s = train_flow("propagator", "adaptive", _cfg(lr=2e-3, val_every=10, val_batches=4, precision=prec), tr, va,
+                       tmp_path / prec, max_steps=200, progress=False)
+        vals[prec] = s["best_val"]
+        h = json.loads((tmp_path / prec / "history.json").read_text())["history"]
+        assert h[-1]["val_loss"] < 0.9 * h[0]["val_loss"], (prec, "did not learn", h[0]["val_loss"], h[-1]["val_loss"])
+    a, b = _weights(tmp_path / "fp32/last.pt"), _weights(tmp_path / "bf16/last.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert vals["bf16"] == pytest.approx(vals["fp32"], rel=0.05), vals
+    print(f"best validation loss after 200 steps: fp32 {vals['fp32']:.4f}, bf16 {vals['bf16']:.4f}")

@@ -128,9 +128,10 @@ class TrainSettings(_Section):
     batch_size: int
     max_steps: int
     max_epochs: int | None  # passes over the distinct training pairs; caps max_steps on small data
-    cache_gb: float  # GB of decoded frame row groups held by the training pair source
     loader_workers: int  # DataLoader worker processes reading pairs ahead
     processes: int  # DDP training processes (torchrun); batch_size is per process
+    precision: str  # fp32 | bf16 (autocast of the training forward)
+    compile: bool  # torch.compile the model for training
     val_every: int
     val_batches: int
     patience: int

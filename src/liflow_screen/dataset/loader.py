@@ -10,6 +10,7 @@ Units: Å, ps, K.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -55,8 +56,9 @@ def msd_labels(pos: np.ndarray, is_li: np.ndarray, times_ps: np.ndarray) -> dict
 class TrajectoryRef:
     """Where one reference trajectory's frames lie in the dataset; no positions are held.
 
-    Frame ``f`` (in frame order) is row ``start + f`` of frame file ``file`` when ``rows`` is None
-    (the dataset stage writes each trajectory's frames contiguously and in order), else ``rows[f]``.
+    Frame ``f`` (in frame order) starts at byte ``start + f * 12 n`` of the positions sidecar of frame
+    file ``file`` when ``offsets`` is None (the dataset stage stores each trajectory's frames
+    contiguously and in order), else at byte ``offsets[f]``.
     """
 
     id: str
@@ -67,16 +69,18 @@ class TrajectoryRef:
     file: int             # index into the source's frame files
     n_frames: int
     start: int = 0
-    rows: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
-    def row(self, frame: int) -> int:
-        return self.start + frame if self.rows is None else int(self.rows[frame])
+    def offset(self, frame: int) -> int:
+        """Byte offset of ``frame`` in the sidecar."""
+        return self.start + frame * 12 * len(self.numbers) if self.offsets is None else int(self.offsets[frame])
 
 
 def index_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[list[TrajectoryRef], list[Path]]:
     """The 'ok' trajectories of the given splits as :class:`TrajectoryRef`, and the frame files they
-    point into. Reads only the ``id`` and ``frame`` columns, one file at a time: memory grows with the
-    number of trajectories (a few hundred bytes each), not with their frames.
+    point into. Reads only the ``id`` and ``frame`` columns, one file at a time, and checks each
+    file's positions sidecar (``layout.positions_sidecar``) has exactly its rows' positions: memory
+    grows with the number of trajectories (a few hundred bytes each), not with their frames.
 
     Order: temperature, then split, then file, then id (sorted) - the order every pair source samples in.
     """
@@ -98,6 +102,21 @@ def index_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[
                 table = schema.read_table(f, "frames", columns=["id", "frame"])
                 ids = np.asarray(table.column("id").to_pylist(), dtype=str)
                 frame_no = table.column("frame").to_numpy()
+                for sid in np.unique(ids):
+                    if sid not in numbers:
+                        if sid not in st.index:
+                            raise SchemaError(f"{f}: {sid} is not in structures.parquet")
+                        row = st.loc[sid]
+                        numbers[sid] = np.asarray(row["numbers"], dtype=np.int64)
+                        cells[sid] = np.asarray(row["cell"], dtype=np.float64).reshape(3, 3)
+                # byte offset of every row in the sidecar (rows hold 3n float32 each)
+                row_bytes = np.array([12 * len(numbers[i]) for i in ids], dtype=np.int64)
+                row_start = np.concatenate([[0], np.cumsum(row_bytes)])
+                raw = layout.positions_sidecar(f)
+                size = raw.stat().st_size if raw.is_file() else -1
+                if size != row_start[-1]:
+                    raise SchemaError(f"{raw}: {'missing' if size < 0 else f'{size} bytes'}, expected the "
+                                      f"{row_start[-1]} bytes of {f.name}'s positions (rebuild the dataset)")
                 files.append(f)
                 order = np.lexsort((frame_no, ids))  # by id, then frame
                 ids_sorted = ids[order]
@@ -107,100 +126,72 @@ def index_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[
                         continue
                     sid = str(ids_sorted[lo])
                     rows = order[lo:hi]
-                    fr = frame_no[rows]
-                    if (np.diff(fr) == 0).any():
+                    if (np.diff(frame_no[rows]) == 0).any():
                         raise SchemaError(f"{f}: {sid} stores a frame number twice")
-                    if sid not in numbers:
-                        if sid not in st.index:
-                            raise SchemaError(f"{f}: {sid} is not in structures.parquet")
-                        row = st.loc[sid]
-                        numbers[sid] = np.asarray(row["numbers"], dtype=np.int64)
-                        cells[sid] = np.asarray(row["cell"], dtype=np.float64).reshape(3, 3)
                     contiguous = bool((np.diff(rows) == 1).all())
                     refs.append(TrajectoryRef(
                         sid, st.loc[sid, "reduced_formula"], float(T), numbers[sid], cells[sid], len(files) - 1,
-                        int(hi - lo), start=int(rows[0]) if contiguous else 0,
-                        rows=None if contiguous else rows.astype(np.int64)))
+                        int(hi - lo), start=int(row_start[rows[0]]) if contiguous else 0,
+                        offsets=None if contiguous else row_start[rows].astype(np.int64)))
     return refs, files
 
 
-class _RowGroupCache:
-    """Decoded ``positions`` row groups of the frame files, least recently used first out, their
-    bytes bounded by ``max_bytes`` (the group being read is always kept). Files are opened lazily, at
-    most ``max_open`` at once."""
+class _RawFrames:
+    """Single frames read with ``os.pread`` from the frame files' positions sidecars: no decoding, no
+    cache of its own (the operating system's page cache serves repeated reads, outside the process),
+    at most ``max_open`` descriptors open at once."""
 
-    def __init__(self, files: list[Path], max_bytes: int, max_open: int = 32) -> None:
-        self.files, self.max_bytes, self.max_open = files, int(max_bytes), int(max_open)
-        self._open: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
-        self._groups: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self.nbytes = 0
-        self.peak_bytes = 0
+    def __init__(self, files: list[Path], max_open: int = 256) -> None:
+        self.files, self.max_open = files, int(max_open)
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self.reads = 0
 
-    def _file(self, k: int) -> tuple[pq.ParquetFile, np.ndarray]:
-        if k in self._open:
-            self._open.move_to_end(k)
-            return self._open[k]
-        try:
-            pf = pq.ParquetFile(self.files[k])
-        except Exception as exc:
-            raise SchemaError(f"{self.files[k]}: unreadable Parquet file ({type(exc).__name__}: {exc})") from exc
-        md = pf.metadata
-        starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        self._open[k] = (pf, starts)
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
-        return self._open[k]
+    def _fd(self, k: int) -> int:
+        if k in self._fds:
+            self._fds.move_to_end(k)
+            return self._fds[k]
+        self._fds[k] = os.open(layout.positions_sidecar(self.files[k]), os.O_RDONLY)
+        while len(self._fds) > self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        return self._fds[k]
 
-    def frame(self, k: int, row: int) -> np.ndarray:
-        """Row ``row`` of file ``k`` as a flat float32 copy (3n values, Å)."""
-        pf, starts = self._file(k)
-        g = int(np.searchsorted(starts, row, side="right")) - 1
-        key = (k, g)
-        if key in self._groups:
-            self._groups.move_to_end(key)
-            offsets, values = self._groups[key]
-        else:
-            try:
-                col = pf.read_row_group(g, columns=["positions"]).column(0).combine_chunks()
-            except Exception as exc:
-                raise SchemaError(f"{self.files[k]}: row group {g} unreadable ({type(exc).__name__}: {exc})") from exc
-            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            self.reads += 1
-            self._groups[key] = (offsets, values)
-            self.nbytes += values.nbytes + offsets.nbytes
-            while self.nbytes > self.max_bytes and len(self._groups) > 1:
-                _, (o, v) = self._groups.popitem(last=False)
-                self.nbytes -= v.nbytes + o.nbytes
-            self.peak_bytes = max(self.peak_bytes, self.nbytes)
-        r = row - int(starts[g])
-        return values[offsets[r]:offsets[r + 1]].copy()
+    def frame(self, k: int, offset: int, n: int) -> np.ndarray:
+        """(n, 3) float32 positions (Å) at byte ``offset`` of file ``k``'s sidecar."""
+        buf = os.pread(self._fd(k), 12 * n, offset)
+        if len(buf) != 12 * n:
+            raise SchemaError(f"{layout.positions_sidecar(self.files[k])}: truncated (rebuild the dataset)")
+        self.reads += 1
+        return np.frombuffer(buf, dtype="<f4").reshape(n, 3)
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class StreamingPairSource:
-    """Samples (X_τ, X_τ+Δτ) pairs from the dataset's frame files, reading row groups on demand.
+    """Samples (X_τ, X_τ+Δτ) pairs from the dataset, reading the two frames of each pair on demand.
 
     Sampling (Appendix D.3): a trajectory's weight is 1 / (number of structures of its reduced
     composition in the set), split evenly over its temperatures, so each composition is drawn equally
-    often; the origin τ is uniform over saved frames with τ + Δτ inside the trajectory. The pairs
-    depend only on ``rng``, never on ``cache_gb``: the cache (decoded row groups, least recently used
-    out) bounds memory, the index holds no positions, so memory does not grow with the dataset.
+    often; the origin τ is uniform over saved frames with τ + Δτ inside the trajectory. Frames come
+    from the positions sidecars (``layout.positions_sidecar``) with one ``pread`` each: the process
+    holds an index of the trajectories (no positions), so its memory does not grow with the dataset.
     ``slow`` maps (id, T) to the prior selector's predictions (li_slow, frame_slow).
 
-    Picklable (for DataLoader workers): a copy opens its own files and starts with an empty cache.
+    Picklable (for DataLoader workers): a copy opens its own files.
     """
 
     def __init__(self, trajectories: list[TrajectoryRef], files: list[Path], delta_frames: int,
-                 slow: dict[tuple[str, int], tuple[bool, bool]] | None = None, cache_gb: float = 1.0):
+                 slow: dict[tuple[str, int], tuple[bool, bool]] | None = None):
         self.trajs = [t for t in trajectories if t.n_frames > delta_frames]
         if not self.trajs:
             raise SchemaError(f"no trajectory is longer than Δτ ({delta_frames} saved frames)")
         self.files = list(files)
         self.delta = int(delta_frames)
         self.slow = slow or {}
-        self.cache_bytes = int(float(cache_gb) * 1e9)
         per_comp: dict[str, set[str]] = {}
         per_struct: dict[str, int] = {}
         for t in self.trajs:
@@ -208,23 +199,23 @@ class StreamingPairSource:
             per_struct[t.id] = per_struct.get(t.id, 0) + 1
         w = np.array([1.0 / (len(per_comp[t.reduced_formula]) * per_struct[t.id]) for t in self.trajs])
         self.weights = w / w.sum()
-        self._cache: _RowGroupCache | None = None
+        self._raw: _RawFrames | None = None
 
     @classmethod
     def open(cls, dataset_dir: str | Path, splits: Iterable[str], delta_frames: int,
-             slow: dict[tuple[str, int], tuple[bool, bool]] | None = None, cache_gb: float = 1.0) -> "StreamingPairSource":
+             slow: dict[tuple[str, int], tuple[bool, bool]] | None = None) -> "StreamingPairSource":
         """The source over the 'ok' trajectories of ``splits`` of a dataset folder."""
         refs, files = index_trajectories(dataset_dir, splits)
-        return cls(refs, files, delta_frames, slow, cache_gb)
+        return cls(refs, files, delta_frames, slow)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": None}
+        return {**self.__dict__, "_raw": None}
 
     @property
-    def cache(self) -> _RowGroupCache:
-        if self._cache is None:
-            self._cache = _RowGroupCache(self.files, self.cache_bytes)
-        return self._cache
+    def raw(self) -> _RawFrames:
+        if self._raw is None:
+            self._raw = _RawFrames(self.files)
+        return self._raw
 
     def __len__(self) -> int:
         return sum(t.n_frames - self.delta for t in self.trajs)
@@ -235,20 +226,17 @@ class StreamingPairSource:
         return [(int(k), int(rng.integers(0, self.trajs[int(k)].n_frames - self.delta))) for k in idx]
 
     def fetch(self, draws: Sequence[tuple[int, int]]) -> list[Any]:
-        """The pairs of ``draws`` as ``flow.training.Pair`` objects (frames read from the files)."""
+        """The pairs of ``draws`` as ``flow.training.Pair`` objects (frames read from the sidecars)."""
         from ..flow.training import Pair
 
         pairs = []
         for k, f0 in draws:
             t = self.trajs[k]
             n = len(t.numbers)
-            x0, x1 = (self.cache.frame(t.file, t.row(f)) for f in (f0, f0 + self.delta))
-            if x0.size != 3 * n or x1.size != 3 * n:
-                raise SchemaError(f"{self.files[t.file]}: {t.id} has {max(x0.size, x1.size) // 3} atoms in its "
-                                  f"frames, {n} in structures.parquet")
+            x0, x1 = (self.raw.frame(t.file, t.offset(f), n) for f in (f0, f0 + self.delta))
             li_slow, frame_slow = self.slow.get((t.id, int(round(t.temperature))), (False, False))
-            pairs.append(Pair(id=t.id, numbers=t.numbers, cell=t.cell, x0=x0.reshape(n, 3), x1=x1.reshape(n, 3),
-                              temperature=t.temperature, li_slow=bool(li_slow), frame_slow=bool(frame_slow)))
+            pairs.append(Pair(id=t.id, numbers=t.numbers, cell=t.cell, x0=x0, x1=x1, temperature=t.temperature,
+                              li_slow=bool(li_slow), frame_slow=bool(frame_slow)))
         return pairs
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Any]:

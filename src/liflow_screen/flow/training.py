@@ -66,7 +66,7 @@ CORRECTOR_VARIANTS = ("uniform", "adaptive")
 CKPT_FORMAT = "liflow-flow-checkpoint/2"
 #: train.* keys that may change between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = frozenset({"max_steps", "max_epochs", "device", "variants", "classifier_hidden",
-                            "classifier_epochs", "classifier_lr", "cache_gb", "loader_workers"})
+                            "classifier_epochs", "classifier_lr", "loader_workers"})
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class _Step:
 
 class _StepBatches(torch.utils.data.Dataset):
     """``_Step`` -> (step, rng state, FlowBatch): reads the pairs and draws their noise; runs in
-    DataLoader workers (each with its own copy of the source and of its cache)."""
+    DataLoader workers (each with its own copy of the source)."""
 
     def __init__(self, src: PairSource, kind: str, prior: dict[str, Any], noise_seed: int) -> None:
         self.src, self.kind, self.prior, self.noise_seed = src, kind, prior, noise_seed
@@ -547,18 +547,15 @@ def train_flow(
             **meta, "history": history, "best_val": best, "best_step": best_step, "steps": step,
             "stopped_early": stopped, "wall_s": wall, "world_size": world, "provenance": provenance(settings)})
 
-    loss_module: torch.nn.Module = _Loss(model, regressor)
+    loss_module: torch.nn.Module = _Loss(torch.compile(model, dynamic=True) if tr.compile else model, regressor)
+    bf16 = tr.precision == "bf16"
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     workers = int(tr.loader_workers)
-    fetch_src = train_src
-    if workers > 0 and hasattr(train_src, "cache_bytes"):  # the cache bound holds for all workers together
-        fetch_src = copy.copy(train_src)
-        fetch_src.cache_bytes = train_src.cache_bytes // workers
     sampler = _StepSampler(train_src, rng, step + 1, total, batch_size, rank, world, _atoms_counter(train_src))
     loader = torch.utils.data.DataLoader(
-        _StepBatches(fetch_src, kind, prior, s_noise), batch_size=None, sampler=sampler, num_workers=workers,
+        _StepBatches(train_src, kind, prior, s_noise), batch_size=None, sampler=sampler, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
     t_start = time.perf_counter()
@@ -572,7 +569,8 @@ def train_flow(
         while step < total and not stopped:
             st, b = next(it)
             b = b.to(device, non_blocking=True)
-            loss = loss_module(b, st.n_atoms) * world  # DDP averages gradients over processes: sum / atoms
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # validation stays fp32
+                loss = loss_module(b, st.n_atoms).float() * world  # DDP averages gradients: sum / atoms
             report = loss.detach() / world
             if world > 1:
                 torch.distributed.all_reduce(report)

@@ -68,6 +68,13 @@ def frame_partition_file(root: str | os.PathLike[str], temperature: float, split
     return frame_partition_path(root, temperature, split) / f"part-{chunk_str(chunk)}.parquet"
 
 
+def positions_sidecar(frame_file: str | os.PathLike[str]) -> Path:
+    """The raw positions beside a dataset frame partition (``part-<chunk>.f32``): its rows' ``positions``
+    as little-endian float32, in row order (3n values per row, Å). Training reads single frames from it
+    (``dataset.loader.StreamingPairSource``); the Parquet file stays the dataset."""
+    return Path(frame_file).with_suffix(".f32")
+
+
 def frames_key(path: str | os.PathLike[str]) -> tuple[int, str | None]:
     """(temperature K, split or None) of a frame file, from its name or its hive partition folders."""
     p = Path(path)

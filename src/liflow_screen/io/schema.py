@@ -173,16 +173,14 @@ def _leaf_path(f: pa.Field) -> str:
 
 
 def write_table(table: pa.Table, path: str | Path, kind: str, prov: dict[str, Any] | None = None,
-                zstd_level: int = 3, row_group_size: int | None = None) -> None:
-    """Write ``table`` (schema ``kind``) to ``path`` atomically, zstd-compressed, with provenance;
-    ``row_group_size`` rows per row group (None: pyarrow's default, up to 1 Mi rows)."""
+                zstd_level: int = 3) -> None:
+    """Write ``table`` (schema ``kind``) to ``path`` atomically, zstd-compressed, with provenance."""
     expected = SCHEMAS[kind]
     if not table.schema.remove_metadata().equals(expected):
         table = table.select([f.name for f in expected]).cast(expected)
     table = table.replace_schema_metadata(_with_meta(expected, prov, kind).metadata)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level, row_group_size=row_group_size,
-                       **_writer_options(expected))
+        pq.write_table(table, tmp, compression="zstd", compression_level=zstd_level, **_writer_options(expected))
 
 
 def _writer_options(expected: pa.Schema) -> dict[str, Any]:

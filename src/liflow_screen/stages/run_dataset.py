@@ -5,8 +5,9 @@ Layout of ``results/dataset/`` (all zstd Parquet, provenance in the metadata; na
     structures.parquet                      relaxed supercells + descriptors (schema.STRUCTURES)
     status.parquet                          one row per (structure, T) trajectory (schema.STATUS)
     labels.parquet                          MSD/τ and mobility-rate labels per trajectory (schema.LABELS)
-    frames/temperature=<K>/split=<s>/part-<chunk>.parquet   frames (schema.FRAMES), sorted by id and
-                                            frame, row groups of ~FRAME_ROW_GROUP_BYTES positions
+    frames/temperature=<K>/split=<s>/part-<chunk>.parquet   frames (schema.FRAMES), sorted by id, frame
+    frames/temperature=<K>/split=<s>/part-<chunk>.f32       the same rows' positions, raw float32, for
+                                            training's random frame reads (layout.positions_sidecar)
     frames/index.json                       the list of those frame files (readers use it, never a listing)
 
 Units: Å, ps, K.
@@ -28,15 +29,11 @@ from ..io import layout, schema
 from ..core.constants import LI_Z
 from ..dataset.loader import msd_labels
 from ..core.errors import InputError, SchemaError
-from ..io.files import provenance
+from ..io.files import atomic_path, provenance
 from ..core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Uncompressed float32 positions per row group of the dataset's frame files (bytes): training reads
-#: one row group per frame it needs (``dataset.loader.StreamingPairSource``), so a row group is
-#: small; each trajectory's frames are stored contiguously, in order. Measured in bench/bench_dataset.py.
-FRAME_ROW_GROUP_BYTES = 256 * 1024
 
 
 def _group_md_files(md_files: Sequence[str | Path], temps: Sequence[float]) -> list[dict[str, Path]]:
@@ -99,9 +96,10 @@ def run(settings: Settings, manifest_path: str | Path, md_files: Sequence[str | 
                 part = table.filter(pc.is_in(table.column("id"), pa.array(ids))).sort_by([("id", "ascending"),
                                                                                         ("frame", "ascending")])
                 dest = layout.frame_partition_file(tmp / "frames", T, split, chunk)
-                n_max = max(len(numbers[i]) for i in ids)
-                schema.write_table(part, dest, "frames", prov=prov, zstd_level=zstd,
-                                   row_group_size=max(8, FRAME_ROW_GROUP_BYTES // (12 * n_max)))
+                schema.write_table(part, dest, "frames", prov=prov, zstd_level=zstd)
+                raw = part.column("positions").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                with atomic_path(layout.positions_sidecar(dest)) as f:
+                    np.ascontiguousarray(raw, dtype="<f4").tofile(f)
                 written.append(dest)
                 n_frames += part.num_rows
             for sid in sorted(ok_ids):

@@ -74,15 +74,13 @@ def run(settings: Settings, dataset_dir: str | Path, kind: str, variant: str, ou
 
     root = Path(dataset_dir)
     k = settings.delta_tau_frames
-    # the validation pairs are drawn once; the training source gets the cache
-    cache = settings.train.cache_gb
     refs, files = index_trajectories(root, ["train"])
     if not refs:
         raise SchemaError(f"{root}: no train-split trajectories to train on")
-    train_src = StreamingPairSource(refs, files, k, cache_gb=cache)
+    train_src = StreamingPairSource(refs, files, k)
     refs, files = index_trajectories(root, ["val"])
     if refs:
-        val_src = StreamingPairSource(refs, files, k, cache_gb=min(cache, 0.25))
+        val_src = StreamingPairSource(refs, files, k)
     else:
         log.warning("no val-split trajectories: validating on the train split (early stopping is then optimistic)")
         val_src = train_src
