@@ -170,6 +170,17 @@ def _in_memory_reference(truth, k: int, batches: int, batch: int, seed: int):
     return out
 
 
+def _assert_same_pairs(src, want, batches: int, seed: int) -> list:
+    """``src`` draws, from a generator seeded ``seed``, exactly the pairs of ``want``; returns them."""
+    rng = np.random.default_rng(seed)
+    got = [p for _ in range(batches) for p in src.sample(16, rng)]
+    assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want]
+    for p, (_, _, x0, x1) in zip(got, want):
+        np.testing.assert_array_equal(p.x0, x0)
+        np.testing.assert_array_equal(p.x1, x1)
+    return got
+
+
 def test_streaming_pairs_are_the_in_memory_pairs(tmp_path):
     truth = _fake_md(tmp_path / "md", SPECS)
     out = tmp_path / "dataset"
@@ -186,13 +197,8 @@ def test_streaming_pairs_are_the_in_memory_pairs(tmp_path):
         np.testing.assert_array_equal(raw, np.asarray(want, dtype=np.float32))
     want = _in_memory_reference(truth, k, batches=30, batch=16, seed=0)
     src = dataset.StreamingPairSource.open(out, ["train"], k, slow={("b1", 600): (True, False)})
-    rng = np.random.default_rng(0)
-    got = [p for _ in range(30) for p in src.sample(16, rng)]
-    assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want]
-    for p, (_, _, x0, x1) in zip(got, want):
-        np.testing.assert_array_equal(p.x0, x0)
-        np.testing.assert_array_equal(p.x1, x1)
-        assert p.li_slow == (p.id == "b1" and p.temperature == 600) and not p.frame_slow
+    got = _assert_same_pairs(src, want, batches=30, seed=0)
+    assert all(p.li_slow == (p.id == "b1" and p.temperature == 600) and not p.frame_slow for p in got)
     assert src.raw.reads == 2 * len(got)
     # composition balance: LiA (two structures) and LiB (one) drawn equally often
     comp = Counter("LiA" if w[0].startswith("a") else "LiB" for w in want)
@@ -227,9 +233,4 @@ def test_streaming_source_reads_unsorted_files_and_pickles(tmp_path):
     assert any(t.offsets is not None for t in src.trajs)
     want = _in_memory_reference(truth, cfg.delta_tau_frames, batches=5, batch=16, seed=3)
     for s in (src, pickle.loads(pickle.dumps(src))):
-        rng = np.random.default_rng(3)
-        got = [p for _ in range(5) for p in s.sample(16, rng)]
-        assert [(p.id, int(p.temperature)) for p in got] == [(w[0], w[1]) for w in want]
-        for p, (_, _, x0, x1) in zip(got, want):
-            np.testing.assert_array_equal(p.x0, x0)
-            np.testing.assert_array_equal(p.x1, x1)
+        _assert_same_pairs(s, want, batches=5, seed=3)
