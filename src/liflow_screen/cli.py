@@ -260,8 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reproducible_math_env()
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only process 0 logs below warnings
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s{f' [rank {rank}]' if rank else ''} %(name)s: %(message)s",
+                        stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "urllib3", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .core.settings import Settings
