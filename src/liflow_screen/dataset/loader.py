@@ -102,7 +102,8 @@ def index_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[
                 table = schema.read_table(f, "frames", columns=["id", "frame"])
                 ids = np.asarray(table.column("id").to_pylist(), dtype=str)
                 frame_no = table.column("frame").to_numpy()
-                for sid in np.unique(ids):
+                uniq, which = np.unique(ids, return_inverse=True)
+                for sid in uniq:
                     if sid not in numbers:
                         if sid not in st.index:
                             raise SchemaError(f"{f}: {sid} is not in structures.parquet")
@@ -110,7 +111,7 @@ def index_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[
                         numbers[sid] = np.asarray(row["numbers"], dtype=np.int64)
                         cells[sid] = np.asarray(row["cell"], dtype=np.float64).reshape(3, 3)
                 # byte offset of every row in the sidecar (rows hold 3n float32 each)
-                row_bytes = np.array([12 * len(numbers[i]) for i in ids], dtype=np.int64)
+                row_bytes = np.array([12 * len(numbers[u]) for u in uniq], dtype=np.int64)[which]
                 row_start = np.concatenate([[0], np.cumsum(row_bytes)])
                 raw = layout.positions_sidecar(f)
                 size = raw.stat().st_size if raw.is_file() else -1
@@ -122,8 +123,6 @@ def index_trajectories(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[
                 ids_sorted = ids[order]
                 bounds = np.flatnonzero(ids_sorted[1:] != ids_sorted[:-1]) + 1
                 for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
-                    if hi <= lo:
-                        continue
                     sid = str(ids_sorted[lo])
                     rows = order[lo:hi]
                     if (np.diff(frame_no[rows]) == 0).any():
@@ -238,6 +237,10 @@ class StreamingPairSource:
             pairs.append(Pair(id=t.id, numbers=t.numbers, cell=t.cell, x0=x0, x1=x1, temperature=t.temperature,
                               li_slow=bool(li_slow), frame_slow=bool(frame_slow)))
         return pairs
+
+    def atoms(self, draw: tuple[int, int]) -> int:
+        """Atoms of the pair a draw stands for (from the index, nothing read)."""
+        return len(self.trajs[draw[0]].numbers)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Any]:
         """``batch_size`` pairs as ``flow.training.Pair`` objects: ``fetch(draw(...))``."""

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,7 +57,7 @@ from ..core.runtime import resolve_device
 from ..core.settings import Settings, TrainSettings
 from .graph import GraphBatch, make_batch
 from .painn import FlowModel
-from .priors import prior_sigma, sample_prior, select_scales
+from .priors import prior_sigma, select_scales
 
 KINDS = ("propagator", "corrector")
 PROPAGATOR_VARIANTS = ("adaptive", "uniform", "isotropic", "regressor")
@@ -114,6 +115,10 @@ class PairSource(Protocol):
 
     def fetch(self, draws: Sequence[Any]) -> list[Pair]: ...
 
+    def atoms(self, draw: Any) -> int:
+        """Atoms of the pair a draw stands for, without fetching it."""
+        ...
+
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]: ...
 
     def __len__(self) -> int:
@@ -146,6 +151,9 @@ class ListPairSource:
 
     def fetch(self, draws: Sequence[int]) -> list[Pair]:
         return [self.pairs[i] for i in draws]
+
+    def atoms(self, draw: int) -> int:
+        return len(self.pairs[draw].numbers)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list[Pair]:
         return self.fetch(self.draw(batch_size, rng))
@@ -310,30 +318,19 @@ class _StepSampler(torch.utils.data.Sampler):
     process's share."""
 
     def __init__(self, src: PairSource, rng: np.random.Generator, first: int, last: int, per_rank: int,
-                 rank: int, world: int, atoms_of: Any) -> None:
+                 rank: int, world: int) -> None:
         self.src, self.rng, self.first, self.last = src, rng, first, last
-        self.per_rank, self.rank, self.world, self.atoms_of = per_rank, rank, world, atoms_of
+        self.per_rank, self.rank, self.world = per_rank, rank, world
 
     def __iter__(self):
         for step in range(self.first, self.last + 1):
             draws = self.src.draw(self.per_rank * self.world, self.rng)
             lo = self.rank * self.per_rank
-            yield _Step(step, draws[lo:lo + self.per_rank], lo, sum(self.atoms_of(d) for d in draws),
+            yield _Step(step, draws[lo:lo + self.per_rank], lo, sum(self.src.atoms(d) for d in draws),
                         json.dumps(self.rng.bit_generator.state))
 
     def __len__(self) -> int:
         return self.last - self.first + 1
-
-
-def _atoms_counter(src: PairSource):
-    """draw -> atoms of its pair, without reading positions where the source knows (streaming)."""
-    trajs = getattr(src, "trajs", None)
-    if trajs is not None:
-        return lambda d: len(trajs[d[0]].numbers)
-    pairs = getattr(src, "pairs", None)
-    if pairs is not None:
-        return lambda d: len(pairs[d].numbers)
-    return lambda d: len(src.fetch([d])[0].numbers)
 
 
 def _collate(item: Any) -> Any:
@@ -342,8 +339,6 @@ def _collate(item: Any) -> Any:
 
 def distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) of this process under torchrun (0, 1, 0 otherwise)."""
-    import os
-
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -553,7 +548,7 @@ def train_flow(
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     workers = int(tr.loader_workers)
-    sampler = _StepSampler(train_src, rng, step + 1, total, batch_size, rank, world, _atoms_counter(train_src))
+    sampler = _StepSampler(train_src, rng, step + 1, total, batch_size, rank, world)
     loader = torch.utils.data.DataLoader(
         _StepBatches(train_src, kind, prior, s_noise), batch_size=None, sampler=sampler, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
