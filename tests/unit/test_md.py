@@ -14,7 +14,7 @@ from ase.io import write
 from liflow_screen.core import config
 from liflow_screen.io import schema
 from liflow_screen.core.errors import InputError
-from liflow_screen.md import integrate, lockstep
+from liflow_screen.md import batched, integrate
 from liflow_screen.md.relax import build_supercell, relax
 from liflow_screen.stages import run_md as md_stage
 from liflow_screen.md import potentials as P
@@ -130,8 +130,11 @@ def test_trajectory_is_unwrapped(tiny):
     np.testing.assert_allclose(res.positions[-1] - res.positions[0], steps.sum(0), atol=1e-4)
 
 
-def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
-    cfg = settings_of(temperatures=[700], duration_ps=0.08, save_every=4, checkpoint_every=2)
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path, batch_size):
+    """Killed at r2's frame 5, resumed from the frame-4 checkpoint: the same frames, bit for bit. One by
+    one, r1 had finished (its done checkpoint is reused); batched, both resume from the batch's."""
+    cfg = settings_of(temperatures=[700], duration_ps=0.08, save_every=4, checkpoint_every=2, batch_size=batch_size)
     man = pd.DataFrame([row("r1", li2o()), row("r2", li2o().repeat((1, 1, 2)))])
     ref_paths = md_stage.run(cfg, man, 0, tmp_path / "ref", potential=tiny, progress=False)
     ref = schema.read_df(ref_paths["frames_T700"], "frames")
@@ -144,12 +147,14 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
     with pytest.raises(Killed):
         md_stage.run(cfg, man, 0, out, potential=tiny, progress=False, frame_callback=kill_at_5)
     assert not (out / "frames_T700.parquet").exists()  # nothing half-written
-    assert len(list((out / "ckpt").glob("md_*.pkl"))) == 2  # r1 finished, r2 at its frame-4 checkpoint
+    # one by one: r1 finished, r2 at its frame-4 checkpoint; batched: one batch file at frame 4
+    assert len(list((out / "ckpt").glob("md_*.pkl"))) == (2 if batch_size == 1 else 1)
 
     seen: dict[str, list[int]] = {"r1": [], "r2": []}
     paths = md_stage.run(cfg, man, 0, out, potential=tiny, progress=False,
                          frame_callback=lambda sid, t, f: seen[sid].append(f))
-    assert seen["r1"] == [] and seen["r2"] == list(range(5, 11))  # resumed, not restarted
+    assert seen["r1"] == ([] if batch_size == 1 else list(range(5, 11)))
+    assert seen["r2"] == list(range(5, 11))  # resumed, not restarted
     got = schema.read_df(paths["frames_T700"], "frames")
     key = ["id", "frame"]
     ref, got = ref.sort_values(key).reset_index(drop=True), got.sort_values(key).reset_index(drop=True)
@@ -182,31 +187,31 @@ def test_failure_isolation(tiny, tmp_path, batch_size):
 
 
 def test_batched_equals_one_by_one(tiny):
+    """The batched engine (one model call per MD step for the whole group) gives the one-by-one ASE
+    trajectories: same initial velocities, same integrator; float32 model, 20 steps."""
     settings = MDSettings.defaults(timestep_fs=2.0, duration_ps=0.04, save_every=4)
-    jobs = [lockstep.MDJob("a", li2o(), 600.0), lockstep.MDJob("b", li2o().repeat((2, 1, 1)), 600.0),
-            lockstep.MDJob("a", li2o(), 1000.0)]
+    jobs = [batched.MDJob("a", li2o(), 600.0), batched.MDJob("b", li2o().repeat((2, 1, 1)), 600.0),
+            batched.MDJob("a", li2o(), 1000.0)]
     calls: list[int] = []
-    inner = tiny.energies_forces
+    inner = tiny.evaluate
 
-    def counting(atoms_list):
-        calls.append(len(atoms_list))
-        return inner(atoms_list)
+    def counting(systems, stress=False):
+        calls.append(systems.n_systems)
+        return inner(systems, stress)
 
-    tiny.energies_forces = counting  # instance attribute: counts model calls, computes the same
+    serial = batched.run_trajectories(jobs, tiny, settings, 5, batch_size=1)
+    tiny.evaluate = counting  # instance attribute: counts model calls, computes the same
     try:
-        serial = lockstep.run_trajectories(jobs, tiny, settings, 5, batch_size=1)
-        n_serial = len(calls)
-        calls.clear()
-        batched = lockstep.run_trajectories(jobs, tiny, settings, 5, batch_size=3)
+        res = batched.run_trajectories(jobs, tiny, settings, 5, batch_size=3)
     finally:
-        del tiny.energies_forces
+        del tiny.evaluate
     n_steps = 5 * 4
-    assert n_serial == 3 * (n_steps + 1)
     assert calls == [3] * (n_steps + 1)  # one model call per MD step for the whole group
-    for s, b in zip(serial, batched):
+    for s, b in zip(serial, res):
         assert s.status == b.status == "ok"
         np.testing.assert_allclose(b.positions, s.positions, atol=2e-5)
         np.testing.assert_allclose(b.energies, s.energies, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.temperatures, s.temperatures, rtol=1e-4)
 
 
 def test_chgnet_short_md():

@@ -133,7 +133,8 @@ def radius_graph_pbc(
     cutoff: float,
     ptr: torch.Tensor | None = None,
     max_candidates: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_images: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Periodic radius graph of a whole batch of crystals in ONE call, on the device of ``pos``.
 
     pos (N,3) Å unwrapped (any lattice image is fine), cell (G,3,3) Å (rows a, b, c), batch (N,)
@@ -142,7 +143,8 @@ def radius_graph_pbc(
     ``shift`` (E,3), the Cartesian image offset S in Å, so that the edge vector is
     ``pos[j] - pos[i] + shift``. Self-pairs are excluded unless they connect distinct images. Edges
     are in canonical order: sorted by (i, j, integer image), whatever the batch (messages summed in
-    this order are bit-reproducible on CPU).
+    this order are bit-reproducible on CPU). ``return_images``: also return the integer lattice
+    image (E,3) int64 with ``shift = image @ cell`` (what MLIPs need to strain the cell for stress).
 
     Method: a batched cell list in plain torch (no per-graph Python loop). Each graph's wrapped
     fractional coordinates are binned into n_k = floor(2 w_k / cutoff) slabs per lattice direction
@@ -160,6 +162,8 @@ def radius_graph_pbc(
     dev = pos.device
     n_atoms, n_graphs = int(pos.shape[0]), int(cell.shape[0])
     empty = (torch.zeros(2, 0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=pos.dtype, device=dev))
+    if return_images:
+        empty = (*empty, torch.zeros(0, 3, dtype=torch.long, device=dev))
     if n_atoms == 0 or n_graphs == 0:
         return empty
     budget = int(max_candidates or NL_CANDIDATES_PER_CHUNK)
@@ -222,6 +226,8 @@ def radius_graph_pbc(
     perm = _canonical_edge_order(i, j, s, n_atoms, k=pl.m + 2 * max_off + 1)
     i, j, s = i[perm], j[perm], s[perm]
     shift = (s.to(torch.float64).unsqueeze(-1) * pl.c_b[i]).sum(1)        # (E,3) Å, float64, exact sum of 3
+    if return_images:
+        return torch.stack([i, j]), shift.to(pos.dtype), s
     return torch.stack([i, j]), shift.to(pos.dtype)
 
 

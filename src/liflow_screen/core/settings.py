@@ -87,7 +87,8 @@ class MDSettings(_Section):
     splits: tuple[str, ...]
     max_structures: int | dict[str, int] | None  # per split, or one number for every split
     chunk_size: int  # structures per MD job
-    batch_size: int  # structures advanced in one model call
+    batch_size: int  # structures advanced in one model call (> 1: the batched engine, md.batched)
+    batch_atoms: int | None  # atoms per batch (None: the engine's default for the device)
     checkpoint_every: int  # saved frames between checkpoints
     max_step_displacement: float  # Å between saved frames above which a trajectory exploded
     max_temperature_factor: float  # instantaneous T / target above which a trajectory exploded

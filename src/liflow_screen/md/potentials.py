@@ -64,6 +64,62 @@ def _group_means(feats: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np
 
 
 @dataclass
+class Systems:
+    """Several periodic structures as one batch of tensors on one device (atoms of a structure contiguous).
+
+    ``numbers`` (N,) int64, ``positions`` (N,3) float64 Å (unwrapped), ``cell`` (G,3,3) float64 Å
+    (rows a, b, c), ``batch`` (N,) structure index, ``ptr`` (G+1,) atom offsets. Never modified in
+    place: a new cell or positions is a new ``Systems`` (the neighbour-list plan is keyed by tensor).
+    """
+
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    cell: torch.Tensor
+    batch: torch.Tensor
+    ptr: torch.Tensor
+
+    @classmethod
+    def from_atoms(cls, atoms_list: list, device: str | torch.device = "cpu") -> "Systems":
+        sizes = [len(a) for a in atoms_list]
+        ptr = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.long, device=device)
+        return cls(
+            numbers=torch.tensor(np.concatenate([a.get_atomic_numbers() for a in atoms_list]), dtype=torch.long,
+                                 device=device),
+            positions=torch.tensor(np.concatenate([a.get_positions() for a in atoms_list]), dtype=torch.float64,
+                                   device=device),
+            cell=torch.tensor(np.stack([a.cell.array for a in atoms_list]), dtype=torch.float64, device=device),
+            batch=torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                          torch.tensor(sizes, device=device)),
+            ptr=ptr)
+
+    @property
+    def n_systems(self) -> int:
+        return int(self.cell.shape[0])
+
+    def with_geometry(self, positions: torch.Tensor, cell: torch.Tensor | None = None) -> "Systems":
+        return Systems(self.numbers, positions, self.cell if cell is None else cell, self.batch, self.ptr)
+
+    def atoms(self, g: int):
+        """Structure ``g`` as ase.Atoms (pbc)."""
+        from ase import Atoms
+
+        lo, hi = int(self.ptr[g]), int(self.ptr[g + 1])
+        return Atoms(numbers=self.numbers[lo:hi].cpu().numpy(), positions=self.positions[lo:hi].detach().cpu().numpy(),
+                     cell=self.cell[g].detach().cpu().numpy(), pbc=True)
+
+    def select(self, keep: list[int]) -> tuple["Systems", torch.Tensor]:
+        """The structures ``keep`` (in that order) and the indices (into this batch) of their atoms."""
+        dev = self.positions.device
+        ptr = self.ptr.cpu().tolist()
+        idx = torch.cat([torch.arange(ptr[g], ptr[g + 1], device=dev) for g in keep]) if keep else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        sizes = torch.tensor([ptr[g + 1] - ptr[g] for g in keep], dtype=torch.long, device=dev)
+        return Systems(self.numbers[idx], self.positions[idx], self.cell[list(keep)],
+                       torch.repeat_interleave(torch.arange(len(keep), device=dev), sizes),
+                       torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(sizes, 0)])), idx
+
+
+@dataclass
 class Potential:
     """A loaded potential: ``calculator`` (ASE), ``energies_forces`` (batched), ``descriptors``.
 
@@ -78,6 +134,13 @@ class Potential:
 
     def energies_forces(self, atoms_list: list) -> tuple[np.ndarray, list[np.ndarray]]:
         """Potential energies (G,) eV and forces [(n_g, 3)] eV/Å of several structures in ONE model call."""
+        raise NotImplementedError
+
+    def evaluate(self, systems: Systems, stress: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Energies (G,) eV, forces (N,3) eV/Å and, with ``stress``, stresses (G,3,3) eV/Å³ (ASE's
+        sign: positive = tensile) of a batch of structures in ONE model call; float64 tensors on
+        ``systems``' device. The batched MD and relaxation engines (:mod:`.batched`) call this."""
         raise NotImplementedError
 
     def atom_features(self, atoms) -> np.ndarray:
@@ -121,6 +184,41 @@ class MacePotential(Potential):
         ptr = batch.ptr.cpu().numpy()
         return energy, [forces[ptr[g]:ptr[g + 1]] for g in range(len(atoms_list))]
 
+    def evaluate(self, systems: Systems, stress: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One forward of the whole batch, its graph from the project's batched cell list on the device
+        (no per-structure ASE/matscipy neighbour list, no AtomicData objects)."""
+        from ..core.geometry import radius_graph_pbc
+
+        calc = self.calculator
+        dt = torch.float64 if self.dtype == "float64" else torch.float32
+        dev = systems.positions.device
+        if getattr(self, "_z_lookup", None) is None or self._z_lookup.device != dev:
+            lookup = torch.full((119,), -1, dtype=torch.long)
+            for k, z in enumerate(calc.z_table.zs):
+                lookup[int(z)] = k
+            self._z_lookup = lookup.to(dev)
+        idx = self._z_lookup[systems.numbers]
+        if bool((idx < 0).any()):
+            bad = sorted({int(z) for z in systems.numbers[idx < 0].cpu().tolist()})
+            raise InputError(f"atomic numbers {bad} are outside the MACE model's element table")
+        edge_index, shift, images = radius_graph_pbc(systems.positions, systems.cell, systems.batch,
+                                                     float(calc.r_max), return_images=True)
+        heads = list(getattr(calc, "available_heads", None) or ["default"])
+        head = heads.index(calc.head) if getattr(calc, "head", None) in heads else 0
+        n_graphs = systems.n_systems
+        data = {
+            "positions": systems.positions.detach().to(dt, copy=True),
+            "node_attrs": torch.nn.functional.one_hot(idx, len(calc.z_table.zs)).to(dt),
+            "edge_index": edge_index, "shifts": shift.to(dt), "unit_shifts": images.to(dt),
+            "cell": systems.cell.detach().to(dt).reshape(-1, 3), "batch": systems.batch, "ptr": systems.ptr,
+            "head": torch.full((n_graphs,), head, dtype=torch.long, device=dev),
+        }
+        out = self.model(data, compute_force=True, compute_stress=stress, training=False)
+        f64 = torch.float64
+        s = out["stress"].detach().to(f64) if stress else None
+        return out["energy"].detach().to(f64), out["forces"].detach().to(f64), s
+
     def atom_features(self, atoms) -> np.ndarray:
         from mace.modules.utils import extract_invariant
         from e3nn import o3
@@ -155,6 +253,29 @@ class ChgnetPotential(Potential):
         if self.model.is_intensive:
             e = e * n  # CHGNet predicts eV/atom
         return e, [np.asarray(p["f"], dtype=np.float64) for p in preds]
+
+    def evaluate(self, systems: Systems, stress: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """CHGNet builds its graphs per structure on the host (its own converter); the model call is one
+        batch. Stress from CHGNet's GPa to eV/Å³ as its ASE calculator does."""
+        from ase import units
+
+        atoms_list = [systems.atoms(g) for g in range(systems.n_systems)]
+        graphs = self._graphs(atoms_list)
+        preds = self.model.predict_graph(graphs, task="efs" if stress else "ef", batch_size=len(graphs))
+        if isinstance(preds, dict):
+            preds = [preds]
+        dev = systems.positions.device
+        n = torch.tensor([len(a) for a in atoms_list], dtype=torch.float64)
+        e = torch.tensor([float(p["e"]) for p in preds], dtype=torch.float64)
+        if self.model.is_intensive:
+            e = e * n
+        f = torch.from_numpy(np.concatenate([np.asarray(p["f"], dtype=np.float64) for p in preds]))
+        s = None
+        if stress:
+            s = torch.from_numpy(np.stack([np.asarray(p["s"], dtype=np.float64).reshape(3, 3) for p in preds])) * units.GPa
+            s = s.to(dev)
+        return e.to(dev), f.to(dev), s
 
     def atom_features(self, atoms) -> np.ndarray:
         graphs = self._graphs([atoms])

@@ -32,7 +32,7 @@ from ..io.files import provenance
 from ..core.runtime import deterministic_torch, resolve_device
 from ..core.settings import Settings
 from ..md.integrate import FrameCallback, load_pickle, safe_name, save_pickle
-from ..md.lockstep import MDJob, run_trajectories
+from ..md.batched import MDJob, batch_atom_budget, pack, relax_batch, run_trajectories
 from ..md.relax import build_supercell, relax
 from ..md.potentials import Potential, load_potential
 
@@ -105,7 +105,9 @@ def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, ou
         return schema.status_row(sid, temp, split, "md", status, reason, n_frames,
                                  max(n_frames - 1, 0) * md.frame_dt_ps, wall_s)
 
-    for _, row in tqdm(list(rows.iterrows()), desc=f"relax chunk {chunk}", disable=not progress):
+    # pass 1: supercells, and which rows need a relaxation (no checkpointed one with this fingerprint)
+    todo: list[tuple[str, str, pd.Series, bool, Atoms | None, Path, str]] = []
+    for _, row in rows.iterrows():
         sid = str(row["id"])
         split = str(_row_get(row, "split", "train"))
         split_of[sid] = split
@@ -128,21 +130,45 @@ def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, ou
                                          md.relax_fmax, md.relax_steps, md.relax_cell, potential.name,
                                          potential.dtype]).encode()).hexdigest()[:24]
         rec = load_pickle(rpath)
-        if rec is None or rec.get("fingerprint") != rfp:
+        fresh = rec is None or rec.get("fingerprint") != rfp
+        todo.append((sid, split, row, run_md, atoms0 if fresh else None, rpath, rfp))
+        struct_rows.append({})  # filled in pass 3 (rows stay in manifest order)
+
+    # pass 2: relax what needs it: one by one (ASE FIRE) or in batches (md.batch_size > 1)
+    need = [t for t in todo if t[4] is not None]
+    if md.batch_size > 1:
+        relaxed_of: dict[str, tuple[Atoms, str]] = {}
+        order = sorted(range(len(need)), key=lambda i: len(need[i][4]))  # similar sizes share a batch
+        budget = batch_atom_budget(md.batch_atoms, potential.device)
+        for idx in tqdm(pack([len(need[i][4]) for i in order], md.batch_size, budget),
+                        desc=f"relax chunk {chunk} (batched)", disable=not progress):
+            group = [need[order[i]] for i in idx]
+            for t, res in zip(group, relax_batch([t[4] for t in group], potential, md.relax_fmax, md.relax_steps,
+                                                 md.relax_cell)):
+                relaxed_of[t[0]] = res
+    for sid, _split, _row, _run_md, atoms0, rpath, rfp in tqdm(need, desc=f"relax chunk {chunk}",
+                                                                disable=not progress or md.batch_size > 1):
+        if md.batch_size > 1:
+            relaxed, rstatus = relaxed_of[sid]
+        else:
             relaxed, rstatus = relax(atoms0, potential, md.relax_fmax, md.relax_steps, md.relax_cell)
-            energy = float(relaxed.get_potential_energy()) if relaxed.calc is not None else float("nan")
-            try:
-                desc_li, desc_frame = potential.descriptors(relaxed)
-                desc_li, desc_frame = desc_li.tolist(), desc_frame.tolist()
-            except Exception:  # descriptors unavailable (e.g. element outside the model): empty lists
-                desc_li, desc_frame = [], []
-            rec = {"fingerprint": rfp, "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
-                   "positions": relaxed.get_positions(), "status": rstatus, "energy": energy,
-                   "desc_li": desc_li, "desc_frame": desc_frame}
-            save_pickle(rpath, rec)
+        energy = float(relaxed.get_potential_energy()) if relaxed.calc is not None else float("nan")
+        try:
+            desc_li, desc_frame = potential.descriptors(relaxed)
+            desc_li, desc_frame = desc_li.tolist(), desc_frame.tolist()
+        except Exception:  # descriptors unavailable (e.g. element outside the model): empty lists
+            desc_li, desc_frame = [], []
+        save_pickle(rpath, {"fingerprint": rfp, "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
+                            "positions": relaxed.get_positions(), "status": rstatus, "energy": energy,
+                            "desc_li": desc_li, "desc_frame": desc_frame})
+
+    # pass 3: structure rows and MD jobs, in manifest order
+    slots = [i for i, r in enumerate(struct_rows) if not r]
+    for slot, (sid, split, row, run_md, _atoms0, rpath, _rfp) in zip(slots, todo):
+        rec = load_pickle(rpath)
         relaxed = Atoms(numbers=rec["numbers"], positions=rec["positions"], cell=rec["cell"], pbc=True)
-        struct_rows.append(_structure_row(sid, split, row, relaxed, rec["desc_li"], rec["desc_frame"], rec["energy"],
-                                          rec["status"]))
+        struct_rows[slot] = _structure_row(sid, split, row, relaxed, rec["desc_li"], rec["desc_frame"], rec["energy"],
+                                           rec["status"])
         if not run_md:
             continue
         if rec["status"].startswith("failed"):
@@ -161,7 +187,7 @@ def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, ou
         if frame_callback is not None:
             frame_callback(sid, temp, frame)
 
-    results = run_trajectories(jobs, potential, md, settings.seed, md.batch_size, ckpt_dir, on_frame)
+    results = run_trajectories(jobs, potential, md, settings.seed, md.batch_size, ckpt_dir, on_frame, md.batch_atoms)
     bar.close()
 
     frames_by_t: dict[int, list[dict[str, Any]]] = {int(round(t)): [] for t in temps}
