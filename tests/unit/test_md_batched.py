@@ -102,7 +102,7 @@ def test_nvt_retraces_ase_nose_hoover_chain_in_float64(tiny64):
         np.testing.assert_allclose(g.positions, r.positions, atol=1e-6)   # float32 frames
         np.testing.assert_allclose(g.energies, r.energies, atol=1e-9)
         np.testing.assert_allclose(g.temperatures, r.temperatures, rtol=1e-9)
-    assert got[0].extra["model_calls"] == 60 + 1
+    assert got[0].extra["batch_evaluations"] == 60 + 1
 
 
 def test_nvt_ensemble_agrees_with_one_by_one(tiny32):
@@ -247,3 +247,24 @@ def test_packing_by_atoms():
     assert batched.pack([10] * 5, batch_size=2, atom_budget=1000) == [[0, 1], [2, 3], [4]]
     assert batched.batch_atom_budget(None, "cpu") == batched.CPU_BATCH_ATOMS
     assert batched.batch_atom_budget(500, "cuda") == 500
+
+
+def test_cpu_model_groups_give_the_one_call_result(tiny64):
+    """On CPU the model is called per group of <= CPU_MODEL_ATOMS atoms (cache-bound cost per atom);
+    the groups' energies, forces and stresses are those of one call over the whole batch."""
+    atoms = [strained(li2o(), 7, np.eye(3)), strained(lif().repeat((2, 1, 1)), 8, np.eye(3)), strained(li2o(), 9, np.eye(3))]
+    systems = P.Systems.from_atoms(atoms)
+    whole, failed = batched._Evaluator(tiny64, stress=True, model_atoms=10_000)(systems)
+    grouped_ev = batched._Evaluator(tiny64, stress=True, model_atoms=20)
+    calls: list[int] = []
+    inner = tiny64.evaluate
+    tiny64.evaluate = lambda s, stress=False: (calls.append(s.n_systems), inner(s, stress))[1]
+    try:
+        grouped, failed2 = grouped_ev(systems)
+        grouped_ev(systems.with_geometry(systems.positions + 0.01))  # same layout: same groups
+    finally:
+        del tiny64.evaluate
+    assert not failed and not failed2
+    assert calls == [1, 1, 1, 1, 1, 1]  # 12, 16, 12 atoms: one structure per group at 20 atoms
+    for w, g in zip(whole, grouped):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10)

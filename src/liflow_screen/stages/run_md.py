@@ -29,7 +29,7 @@ from ..io import layout, schema
 from ..core.constants import LI_Z
 from ..core.errors import InputError
 from ..io.files import provenance
-from ..core.runtime import deterministic_torch, resolve_device
+from ..core.runtime import deterministic_torch, resolve_device, retain_freed_memory
 from ..core.settings import Settings
 from ..md.integrate import FrameCallback, load_pickle, safe_name, save_pickle
 from ..md.batched import MDJob, batch_atom_budget, pack, relax_batch, run_trajectories
@@ -67,6 +67,7 @@ def run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, out
     (:func:`~liflow_screen.core.runtime.deterministic_torch`): same input, same bits at 1 or 2 threads.
     """
     on_cpu = (potential.device if potential is not None else resolve_device(settings.md.device, "md.device")) == "cpu"
+    retain_freed_memory()  # MLIP steps free and re-allocate tens of MB each: keep it (runtime docstring)
     with deterministic_torch(on_cpu):
         return _run(settings, manifest, chunk, out_dir, potential, progress, frame_callback)
 
