@@ -13,6 +13,11 @@
 #   python3 -m pip install --no-deps -q .devcarry/wheels/*.whl .devcarry/train-wheels/*.whl && \
 #     PYTHONPATH=$PWD/src python3 bench/bench_train.py --device cuda --reference-repo .devcarry/liflow-ref \
 #     --torch-scatter-src .devcarry/torch_scatter-2.1.2 --out $OUT/train_cuda.json
+# For `bench/bench_md.py --device cuda` (batched MD and relaxation vs the ASE loop, MACE-MP-0 small's
+# architecture) it puts mace-torch 0.3.16 and its pure-Python/3.12 dependencies in .devcarry/md-wheels:
+#   python3 -m pip install --no-deps -q .devcarry/wheels/*.whl .devcarry/md-wheels/*.whl && \
+#     PYTHONPATH=$PWD/src python3 bench/bench_md.py --device cuda --out $OUT/md_cuda.json
+# (sizes 1, 8, 64, 256 x 96 atoms, 20 MD + 10 relaxation steps, 2 rounds: a few minutes on an H100/H200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .devcarry/wheels .devcarry/models
@@ -34,6 +39,13 @@ mkdir -p .devcarry/train-wheels
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .devcarry/train-wheels \
   --no-deps lightning-utilities==0.15.3 torchmetrics==1.9.0 pytorch-lightning==2.6.6 \
   fsspec aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl xxhash attrs psutil tqdm
+mkdir -p .devcarry/md-wheels
+.venv/bin/pip download -q --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+  -d .devcarry/md-wheels --no-deps mace-torch==0.3.16 e3nn==0.4.4 opt_einsum opt-einsum-fx sympy mpmath torch-ema \
+  prettytable wcwidth matscipy h5py torchmetrics lightning-utilities python-hostlist configargparse GitPython gitdb \
+  smmap lmdb orjson jsonschema jsonschema-specifications referencing rpds-py attrs pyyaml tqdm matplotlib contourpy \
+  cycler fonttools kiwisolver pillow pyparsing
 if [ -d ../liflow-ref/liflow ]; then
   rm -rf .devcarry/liflow-ref && mkdir -p .devcarry/liflow-ref && cp -r ../liflow-ref/. .devcarry/liflow-ref/
 fi
