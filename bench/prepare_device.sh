@@ -43,8 +43,8 @@ mkdir -p .devcarry/md-wheels
 .venv/bin/pip download -q --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
   -d .devcarry/md-wheels --no-deps mace-torch==0.3.16 e3nn==0.4.4 opt_einsum opt-einsum-fx sympy mpmath torch-ema \
-  prettytable wcwidth matscipy h5py torchmetrics lightning-utilities python-hostlist configargparse GitPython gitdb \
-  smmap lmdb orjson jsonschema jsonschema-specifications referencing rpds-py attrs pyyaml tqdm matplotlib contourpy \
+  prettytable wcwidth matscipy h5py torchmetrics lightning-utilities \
+  lmdb orjson jsonschema jsonschema-specifications referencing rpds-py attrs pyyaml tqdm matplotlib contourpy \
   cycler fonttools kiwisolver pillow pyparsing
 if [ -d ../liflow-ref/liflow ]; then
   rm -rf .devcarry/liflow-ref && mkdir -p .devcarry/liflow-ref && cp -r ../liflow-ref/. .devcarry/liflow-ref/

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.settings import MDSettings
-from .integrate import TCHAIN, FrameCallback, TrajectoryResult, load_pickle, md_digest, safe_name, save_pickle, \
-    _fingerprint, velocity_rng
+from .integrate import TCHAIN, FrameCallback, TrajectoryResult, _fingerprint, load_pickle, safe_name, save_pickle, \
+    velocity_rng
 from .potentials import Potential, Systems
 
 #: Fourth-order Suzuki–Yoshida weights of the thermostat factorisation (as ASE's NoseHooverChainNVT).
