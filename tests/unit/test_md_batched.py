@@ -243,8 +243,8 @@ def test_failures_leave_the_batch_and_the_others_go_on(tiny32):
 
 
 def test_packing_by_atoms():
-    assert batched.pack([100, 100, 100, 300, 50], batch_size=8, atom_budget=250) == [[0, 1], [2], [3], [4]]
-    assert batched.pack([10] * 5, batch_size=2, atom_budget=1000) == [[0, 1], [2, 3], [4]]
+    assert batched.pack([100, 100, 100, 300, 50], max_items=8, atom_budget=250) == [[0, 1], [2], [3], [4]]
+    assert batched.pack([10] * 5, max_items=2, atom_budget=1000) == [[0, 1], [2, 3], [4]]
     assert batched.batch_atom_budget(None, "cpu") == batched.CPU_BATCH_ATOMS
     assert batched.batch_atom_budget(500, "cuda") == 500
 

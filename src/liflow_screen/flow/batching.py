@@ -90,25 +90,32 @@ def batch_atom_budget(batch_atoms: int | None, device: Any) -> int:
     return CPU_BATCH_ATOMS
 
 
+def pack(sizes: list[int], max_items: int, atom_budget: int) -> list[list[int]]:
+    """Indices of items with ``sizes`` (atoms) grouped, in input order, into batches of at most
+    ``max_items`` items and ``atom_budget`` atoms (an item larger than the budget gets a batch of its
+    own). The one greedy packer of rollouts and of batched MD / relaxation."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i, n in enumerate(sizes):
+        if cur and (used + n > atom_budget or len(cur) >= max_items):
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def pack_batches(jobs: list[tuple[str, float, str]], n_atoms: dict[str, int], atom_budget: int,
                  max_structures: int | None = None) -> list[list[tuple[str, float, str]]]:
     """Group (structure, T, split) jobs into batches of at most ``atom_budget`` atoms (and at most
     ``max_structures`` jobs): jobs sorted by cell size (then id, T), so structures of similar size
     share a batch; a cell larger than the budget gets a batch of its own. Deterministic."""
     order = sorted(jobs, key=lambda j: (n_atoms[j[0]], j[0], j[1], replica_of(j)))
-    batches: list[list[tuple[str, float, str]]] = []
-    cur: list[tuple[str, float, str]] = []
-    used = 0
-    for j in order:
-        n = n_atoms[j[0]]
-        if cur and (used + n > atom_budget or (max_structures is not None and len(cur) >= max_structures)):
-            batches.append(cur)
-            cur, used = [], 0
-        cur.append(j)
-        used += n
-    if cur:
-        batches.append(cur)
-    return batches
+    groups = pack([n_atoms[j[0]] for j in order], max_structures or len(order) or 1, atom_budget)
+    return [[order[i] for i in g] for g in groups]
 
 
 def rollout_batches(settings: Settings, prop: Any, corr: Any, structs: pd.DataFrame,

@@ -33,6 +33,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.settings import MDSettings
+from ..flow.batching import pack
 from .integrate import TCHAIN, FrameCallback, TrajectoryResult, _fingerprint, load_pickle, safe_name, save_pickle, \
     velocity_rng
 from .potentials import Potential, Systems
@@ -59,23 +60,6 @@ def batch_atom_budget(batch_atoms: int | None, device: str) -> int:
     if batch_atoms:
         return int(batch_atoms)
     return CUDA_BATCH_ATOMS if str(device).startswith("cuda") else CPU_BATCH_ATOMS
-
-
-def pack(sizes: list[int], batch_size: int, atom_budget: int) -> list[list[int]]:
-    """Indices of items with ``sizes`` (atoms) grouped into batches of at most ``batch_size`` items and
-    ``atom_budget`` atoms, in input order (an item larger than the budget gets a batch of its own)."""
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
-    for i, n in enumerate(sizes):
-        if cur and (used + n > atom_budget or len(cur) >= batch_size):
-            batches.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def _segment_sum(values: torch.Tensor, batch: torch.Tensor, n: int) -> torch.Tensor:
