@@ -34,8 +34,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.settings import MDSettings
 from ..flow.batching import pack
-from .integrate import TCHAIN, FrameCallback, TrajectoryResult, _fingerprint, load_pickle, safe_name, save_pickle, \
-    velocity_rng
+from .integrate import TCHAIN, FrameCallback, TrajectoryResult, _fingerprint, failure_reason, frame_problem, \
+    load_pickle, safe_name, save_pickle, velocity_rng
 from .potentials import Potential, Systems
 
 #: Fourth-order Suzuki–Yoshida weights of the thermostat factorisation (as ASE's NoseHooverChainNVT).
@@ -106,14 +106,14 @@ class _Evaluator:
             out = self._evaluate(systems)
         except Exception as exc:  # noqa: BLE001 - find the culprit(s), one structure at a time
             if systems.n_systems == 1:
-                return None, {0: ("error", _reason(exc))}
+                return None, {0: ("error", failure_reason(exc))}
             failed: dict[int, tuple[str, str]] = {}
             for g in range(systems.n_systems):
                 sub, _ = systems.select([g])
                 try:
                     self.potential.evaluate(sub, stress=self.stress)
                 except Exception as exc1:  # noqa: BLE001
-                    failed[g] = ("error", _reason(exc1))
+                    failed[g] = ("error", failure_reason(exc1))
             if not failed:  # only the batch fails (memory?): not a structure's fault
                 raise
             return None, failed
@@ -125,11 +125,6 @@ class _Evaluator:
         if bool(ok.all()):
             return out, {}
         return out, {int(g): ("nan", "non-finite energy, forces or stress") for g in torch.nonzero(~ok).flatten().tolist()}
-
-
-def _reason(exc: BaseException) -> str:
-    msg = (str(exc).splitlines()[0] if str(exc) else "")[:200]
-    return f"{type(exc).__name__}: {msg}".rstrip(": ")
 
 
 # --------------------------------------------------------------------------- Nosé–Hoover chain
@@ -344,20 +339,13 @@ def run_batch(jobs: list[MDJob], potential: Potential, settings: MDSettings, see
         for g, m in enumerate(live.members):
             pos = q[ptr[g]:ptr[g + 1]]
             frame = len(frames[m])
-            if not (np.isfinite(pos).all() and math.isfinite(energy[g]) and math.isfinite(temp[g])):
-                stop[g] = ("nan", f"non-finite positions/energy at frame {frame}")
+            # frame 0 has no previous frame: only the finiteness check applies (as the ASE path)
+            prev = frames[m][-1] if frame > 0 else pos
+            target = float(jobs[m].temperature) if frame > 0 else math.inf
+            problem = frame_problem(pos, prev, float(energy[g]), float(temp[g]), target, settings, frame)
+            if problem is not None:
+                stop[g] = problem
                 continue
-            if frame > 0:
-                disp = float(np.linalg.norm(pos.astype(np.float64) - frames[m][-1], axis=1).max())
-                if disp > settings.max_step_displacement:
-                    stop[g] = ("exploded", f"max displacement {disp:.2f} A between frames {frame - 1} and {frame} "
-                                           f"> {settings.max_step_displacement:g} A")
-                    continue
-                target = float(jobs[m].temperature)
-                if temp[g] > settings.max_temperature_factor * target:
-                    stop[g] = ("exploded", f"instantaneous temperature {temp[g]:.0f} K at frame {frame} > "
-                                           f"{settings.max_temperature_factor:g} x {target:g} K")
-                    continue
             frames[m].append(pos.copy())
             e_frames[m].append(float(energy[g]))
             t_frames[m].append(float(temp[g]))
@@ -374,9 +362,8 @@ def run_batch(jobs: list[MDJob], potential: Potential, settings: MDSettings, see
             live.p = live.nhc.integrate(live.p, live.masses, s.batch, half)
         live.p = live.p + half * live.forces
         live.systems = s.with_geometry(s.positions + dt * live.p / live.masses)
-        n_before = len(live.members)
         live = compute(live)
-        if len(live.members) < n_before and not live.members:
+        if not live.members:
             break
         live.p = live.p + half * live.forces
         if thermostat:
@@ -477,6 +464,16 @@ def relax_batch(atoms_list: list[Atoms], potential: Potential, fmax: float = 0.0
     base = sys0
     evaluate = _Evaluator(potential, stress=cell)
 
+    def keep_only(keep: list[int]) -> torch.Tensor:
+        """Drop every structure but ``keep`` from the FIRE state; returns the kept atoms' indices."""
+        nonlocal base, x, vel_x, cell0, logf, vel_c, dt_fire, a_fire, n_pos, n_at, started, members
+        base, idx = base.select(keep)
+        x, vel_x = x[idx], vel_x[idx]
+        cell0, logf, vel_c = cell0[keep], logf[keep], vel_c[keep]
+        dt_fire, a_fire, n_pos, n_at, started = dt_fire[keep], a_fire[keep], n_pos[keep], n_at[keep], started[keep]
+        members = [members[g] for g in keep]
+        return idx
+
     def finish(g: int, systems: Systems, energy: float, forces: np.ndarray, st: str) -> None:
         a = atoms_list[members[g]].copy()
         lo, hi = int(systems.ptr[g]), int(systems.ptr[g + 1])
@@ -499,12 +496,7 @@ def relax_batch(atoms_list: list[Atoms], potential: Potential, fmax: float = 0.0
                 a = atoms_list[members[g]].copy()
                 a.calc = None
                 out[members[g]] = (a, f"failed: {reason}")
-            keep = [g for g in range(len(members)) if g not in failed]
-            base, idx = base.select(keep)
-            x, vel_x = x[idx], vel_x[idx]
-            cell0, logf, vel_c = cell0[keep], logf[keep], vel_c[keep]
-            dt_fire, a_fire, n_pos, n_at, started = dt_fire[keep], a_fire[keep], n_pos[keep], n_at[keep], started[keep]
-            members = [members[g] for g in keep]
+            keep_only([g for g in range(len(members)) if g not in failed])
             continue
         energy, forces, stress = res
         gx = forces
@@ -530,11 +522,7 @@ def relax_batch(atoms_list: list[Atoms], potential: Potential, fmax: float = 0.0
             keep = [g for g in range(G) if g not in set(gone)]
             if not keep:
                 break
-            base, idx = base.select(keep)
-            x, vel_x, gx = x[idx], vel_x[idx], gx[idx]
-            cell0, logf, vel_c, gc = cell0[keep], logf[keep], vel_c[keep], gc[keep]
-            dt_fire, a_fire, n_pos, n_at, started = dt_fire[keep], a_fire[keep], n_pos[keep], n_at[keep], started[keep]
-            members = [members[g] for g in keep]
+            gx, gc = gx[keep_only(keep)], gc[keep]
             G = len(members)
         # FIRE step (ASE's rule, per structure; velocities and forces over atoms + 3 cell rows)
         b = base.batch
@@ -571,7 +559,7 @@ def relax_batch(atoms_list: list[Atoms], potential: Potential, fmax: float = 0.0
         if cell:
             logf = logf + factor.view(-1, 1, 1) * dr_c / n_at.view(-1, 1, 1)
         nsteps += 1
-    return [o for o in out]  # type: ignore[misc]
+    return out  # type: ignore[return-value]
 
 
 def _segment_max(values: torch.Tensor, batch: torch.Tensor, n: int) -> torch.Tensor:

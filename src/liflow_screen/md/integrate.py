@@ -113,6 +113,30 @@ def _set_thermostat_state(dyn, state: dict[str, np.ndarray]) -> None:
     th._p_eta[:] = state["p_eta"]
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line naming a failure: ``<ExceptionType>: <first line of its message, <= 200 chars>``."""
+    msg = (str(exc).splitlines()[0] if str(exc) else "")[:200]
+    return f"{type(exc).__name__}: {msg}".rstrip(": ")
+
+
+def frame_problem(pos: np.ndarray, prev: np.ndarray, energy: float, temp: float, target: float,
+                  settings: MDSettings, frame: int) -> tuple[str, str] | None:
+    """(status, reason) if saved frame ``frame`` (positions ``pos`` Å, previous frame ``prev`` Å,
+    potential energy eV, kinetic temperature K) ends its trajectory: non-finite values (``nan``), a
+    displacement above ``max_step_displacement`` Å or T above ``max_temperature_factor`` x ``target``
+    K (``exploded``); else None. The one check of the ASE and the batched engines."""
+    if not (np.isfinite(pos).all() and math.isfinite(energy) and math.isfinite(temp)):
+        return "nan", f"non-finite positions/energy at frame {frame}"
+    disp = float(np.linalg.norm(np.asarray(pos, dtype=np.float64) - np.asarray(prev, dtype=np.float64), axis=1).max())
+    if disp > settings.max_step_displacement:
+        return "exploded", (f"max displacement {disp:.2f} A between frames {frame - 1} and {frame} "
+                            f"> {settings.max_step_displacement:g} A")
+    if temp > settings.max_temperature_factor * target:
+        return "exploded", (f"instantaneous temperature {temp:.0f} K at frame {frame} > "
+                            f"{settings.max_temperature_factor:g} x {target:g} K")
+    return None
+
+
 def _failure_kind(atoms: Atoms) -> str:
     return "nan" if not np.isfinite(atoms.get_positions()).all() else "error"
 
@@ -211,15 +235,9 @@ def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSetti
             energy = float(work.get_potential_energy())
             temp = float(work.get_temperature())
             frame = len(pos_frames)
-            if not (np.isfinite(pos).all() and math.isfinite(energy) and math.isfinite(temp)):
-                return finish("nan", f"non-finite positions/energy at frame {frame}")
-            disp = float(np.linalg.norm(pos - pos_frames[-1].astype(np.float64), axis=1).max())
-            if disp > settings.max_step_displacement:
-                return finish("exploded", f"max displacement {disp:.2f} A between frames {frame - 1} and {frame} "
-                                          f"> {settings.max_step_displacement:g} A")
-            if temp > settings.max_temperature_factor * target:
-                return finish("exploded", f"instantaneous temperature {temp:.0f} K at frame {frame} > "
-                                          f"{settings.max_temperature_factor:g} x {target:g} K")
+            problem = frame_problem(pos, pos_frames[-1], energy, temp, target, settings, frame)
+            if problem is not None:
+                return finish(*problem)
             pos_frames.append(pos.astype(np.float32))
             e_frames.append(energy)
             t_frames.append(temp)
@@ -228,7 +246,5 @@ def run_trajectory(sid: str, atoms: Atoms, temperature: float, settings: MDSetti
             if frame_callback is not None:
                 frame_callback(sid, temperature, frame)
     except Exception as exc:
-        msg = (str(exc).splitlines()[0] if str(exc) else "")[:200]
-        kind = _failure_kind(work)
-        return finish(kind, f"{type(exc).__name__}: {msg}".rstrip(": "))
+        return finish(_failure_kind(work), failure_reason(exc))
     return finish()

@@ -13,6 +13,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.errors import InputError
+from .integrate import failure_reason
 from .potentials import Potential
 
 
@@ -79,10 +80,9 @@ def relax(atoms: Atoms, potential: Potential, fmax: float = 0.05, steps: int = 2
         if not (_finite(work) and math.isfinite(energy) and np.isfinite(forces).all()):
             raise FloatingPointError("non-finite positions, cell, energy or forces")
     except Exception as exc:
-        msg = (str(exc).splitlines()[0] if str(exc) else "")[:200]
         failed = atoms.copy()
         failed.calc = None
-        return failed, f"failed: {type(exc).__name__}: {msg}".rstrip(": ")
+        return failed, f"failed: {failure_reason(exc)}"
     out = atoms.copy()
     out.set_cell(work.cell.array, scale_atoms=False)
     out.set_positions(work.get_positions())

@@ -108,6 +108,7 @@ def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, ou
 
     # pass 1: supercells, and which rows need a relaxation (no checkpointed one with this fingerprint)
     todo: list[tuple[str, str, pd.Series, bool, Atoms | None, Path, str]] = []
+    recs: dict[str, dict[str, Any]] = {}  # relaxation records (checkpointed in ckpt/relax_*.pkl) by id
     for _, row in rows.iterrows():
         sid = str(row["id"])
         split = str(_row_get(row, "split", "train"))
@@ -132,6 +133,8 @@ def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, ou
                                          potential.dtype]).encode()).hexdigest()[:24]
         rec = load_pickle(rpath)
         fresh = rec is None or rec.get("fingerprint") != rfp
+        if not fresh:
+            recs[sid] = rec
         todo.append((sid, split, row, run_md, atoms0 if fresh else None, rpath, rfp))
         struct_rows.append({})  # filled in pass 3 (rows stay in manifest order)
 
@@ -159,14 +162,15 @@ def _run(settings: Settings, manifest: pd.DataFrame | str | Path, chunk: int, ou
             desc_li, desc_frame = desc_li.tolist(), desc_frame.tolist()
         except Exception:  # descriptors unavailable (e.g. element outside the model): empty lists
             desc_li, desc_frame = [], []
-        save_pickle(rpath, {"fingerprint": rfp, "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
-                            "positions": relaxed.get_positions(), "status": rstatus, "energy": energy,
-                            "desc_li": desc_li, "desc_frame": desc_frame})
+        recs[sid] = {"fingerprint": rfp, "numbers": relaxed.get_atomic_numbers(), "cell": relaxed.cell.array,
+                     "positions": relaxed.get_positions(), "status": rstatus, "energy": energy,
+                     "desc_li": desc_li, "desc_frame": desc_frame}
+        save_pickle(rpath, recs[sid])
 
     # pass 3: structure rows and MD jobs, in manifest order
     slots = [i for i, r in enumerate(struct_rows) if not r]
-    for slot, (sid, split, row, run_md, _atoms0, rpath, _rfp) in zip(slots, todo):
-        rec = load_pickle(rpath)
+    for slot, (sid, split, row, run_md, _atoms0, _rpath, _rfp) in zip(slots, todo):
+        rec = recs[sid]
         relaxed = Atoms(numbers=rec["numbers"], positions=rec["positions"], cell=rec["cell"], pbc=True)
         struct_rows[slot] = _structure_row(sid, split, row, relaxed, rec["desc_li"], rec["desc_frame"], rec["energy"],
                                            rec["status"])
